@@ -1,0 +1,104 @@
+"""The ``edgelmm`` command line: ask, make-tiny, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import EdgeLMMError
+
+
+def _sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+            "top_k": args.top_k, "top_p": args.top_p}
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _print_timings(timings: dict[str, float], n_tokens: int) -> None:
+    parts = [f"{k} {v * 1000:.0f} ms" for k, v in timings.items()]
+    rate = f", {n_tokens / timings['decode']:.1f} tok/s" if timings.get("decode") else ""
+    print(f"[{', '.join(parts)}; {n_tokens} tokens{rate}]", file=sys.stderr)
+
+
+def cmd_ask(args) -> None:
+    from .api import EdgeLMM, Generation
+
+    model = EdgeLMM.load(args.model, device=args.device, dtype=args.dtype)
+    result = Generation("", [], "")
+    for piece in model.stream(args.image, args.prompt, result=result, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+    _print_timings(result.timings, len(result.token_ids))
+
+
+def cmd_make_tiny(args) -> None:
+    from .tiny import make_tiny
+
+    print(make_tiny(args.family, args.out, seed=args.seed, layout=args.layout))
+
+
+def cmd_demo(args) -> None:
+    import numpy as np
+
+    from .api import EdgeLMM
+    from .tiny import make_tiny
+
+    with tempfile.TemporaryDirectory(prefix="edgelmm-demo-") as tmp:
+        folder = make_tiny(args.family, Path(tmp) / f"tiny-{args.family}")
+        print(f"built a tiny random-weight {args.family} checkpoint in its real layout: {folder}")
+        y, x = np.mgrid[0:240, 0:320]
+        image = np.stack([x * 255 // 320, y * 255 // 240, (x + y) % 256], axis=-1).astype(np.uint8)
+        model = EdgeLMM.load(folder)
+        question = "What is in the picture?"
+        result = model.generate(image, question, max_new_tokens=args.max_new_tokens)
+        print(f"prompt: {result.prompt!r}")
+        print(f"answer (random weights, so gibberish): {result.text!r}")
+        _print_timings(result.timings, len(result.token_ids))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tiny import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="edgelmm", description="Run small vision-language models on the edge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ask = sub.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("model", help="checkpoint folder")
+    ask.add_argument("--image", required=True)
+    ask.add_argument("--prompt", required=True)
+    ask.add_argument("--device", default=None)
+    ask.add_argument("--dtype", default=None)
+    _add_sampling(ask)
+    ask.set_defaults(func=cmd_ask)
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in a family's real layout")
+    tiny.add_argument("family", choices=FAMILIES)
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layout", choices=("old", "new"), default="old", help="HF Llava key layout")
+    tiny.set_defaults(func=cmd_make_tiny)
+    demo = sub.add_parser("demo", help="make a tiny model and ask it about a synthetic image, offline")
+    demo.add_argument("--family", choices=FAMILIES, default="tinyllava")
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EdgeLMMError as e:
+        print(f"edgelmm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""``edgelmm make-tiny``: tiny random-weight checkpoints in each family's real on-disk layout (config.json
+fields, key names, shard index, dtype, tokenizer files, and the quirks: stale duplicate shards, a separate
+vision tower folder, unused vision layers and pooling heads)."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ConfigError
+from .families import detect
+from .models.vlm import VLM
+from .tiny_tokenizers import write_tiny_tokenizer
+
+FAMILIES = ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")
+TOKENIZER_STYLE = {"tinyllava": "phi2", "tinyllava-legacy": "phi2", "mipha": "phi2",
+                   "llava-gemma": "gemma", "tiny-llava-hf": "llama"}
+DTYPE = {"tinyllava": torch.float16, "tinyllava-legacy": torch.float32, "mipha": torch.bfloat16,
+         "llava-gemma": torch.float32, "tiny-llava-hf": torch.float32}
+
+SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+          "num_attention_heads": 2, "patch_size": 14, "image_size": 384, "layer_norm_eps": 1e-6,
+          "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
+CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "patch_size": 14, "image_size": 336, "layer_norm_eps": 1e-5,
+        "hidden_act": "quick_gelu", "projection_dim": 32}
+PHI = {"model_type": "phi", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 4, "partial_rotary_factor": 0.4, "hidden_act": "gelu_new",
+       "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+       "qk_layernorm": False, "resid_pdrop": 0.1}
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+         "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+GEMMA = {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "hidden_act": "gelu",
+         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+SIGLIP_PROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                    "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
+                    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+CLIP_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
+                  "resample": 3, "do_center_crop": True, "crop_size": {"height": 336, "width": 336},
+                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                  "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                  "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def _config(family: str, vocab: int, ids: dict, layout: str) -> dict:
+    """config.json as the family's released checkpoints write it (tiny sizes)."""
+    if family == "tinyllava":
+        return {"architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava",
+                "llm_model_name_or_path": "microsoft/phi-2", "vision_model_name_or_path":
+                "google/siglip-so400m-patch14-384", "connector_type": "mlp2x_gelu", "hidden_size": PHI["hidden_size"],
+                "image_aspect_ratio": "square", "image_token_index": -200, "ignore_index": -100,
+                "vision_feature_layer": -2, "vision_feature_select_strategy": "patch", "vision_hidden_size": 32,
+                "pad_token": "<|endoftext|>", "pad_token_id": ids["pad"], "tokenizer_model_max_length": 3072,
+                "tokenizer_padding_side": "right", "tokenizer_use_fast": False, "torch_dtype": "float16",
+                "text_config": {**PHI, "vocab_size": vocab, "architectures": ["PhiForCausalLM"]},
+                "vision_config": SIGLIP, "num_queries": 128, "num_resampler_layers": 3}
+    if family == "tinyllava-legacy":
+        return {**PHI, "architectures": ["TinyLlavaPhiForCausalLM"], "model_type": "tiny_llava_phi",
+                "vocab_size": vocab, "mm_vision_tower": "bczhou/TinyLLaVA-3.1B-SigLIP", "mm_hidden_size": 32,
+                "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+                "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+                "mm_use_im_patch_token": False, "tokenizer_model_max_length": 3072, "tokenizer_padding_side": "right",
+                "pad_token": "<|endoftext|>", "pad_token_id": ids["pad"], "bos_token_id": ids["bos"],
+                "eos_token_id": ids["eos"], "torch_dtype": "float32"}
+    if family == "mipha":
+        vision = {**SIGLIP, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+                  "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}
+        return {**PHI, "architectures": ["MiphaPhiForCausalLM"], "model_type": "mipha_phi", "vocab_size": vocab,
+                "image_aspect_ratio": "pad", "freeze_vision_tower": False, "tune_mm_mlp_adapter": True,
+                "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tokenizer_model_max_length": 2048,
+                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+                "vision_config": {"vision_tower": vision, "mm_projector": {
+                    "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "hidden_size": PHI["hidden_size"]}}}
+    text = GEMMA if family == "llava-gemma" else LLAMA
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": ids["image"], "pad_token_id": ids["pad"], "projector_hidden_act": "gelu",
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "ignore_index": -100,
+            "text_config": {**text, "vocab_size": vocab, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"]},
+            "vision_config": CLIP, "torch_dtype": "float32", "tie_word_embeddings": text["tie_word_embeddings"]}
+
+
+def _randomize(model: VLM, seed: int) -> None:
+    """Random weights with norm gains near 1 (Gemma's (1+w) norms near 0), so tiny models stay sensitive
+    to their input instead of collapsing onto one token."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if "norm" in name and name.endswith("weight"):
+            offset = 0.0 if model.spec.text.arch == "gemma" and name.startswith("text.") else 1.0
+            p.data = offset + 0.1 * noise
+        elif p.ndim == 1:
+            p.data = 0.1 * noise
+        else:
+            fan_in = p[0].numel()
+            p.data = noise if name == "text.embed_tokens.weight" else noise / fan_in ** 0.5
+
+
+def _extra_vision(cfg: dict, prefix: str, used: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The tower tensors edgelmm never reads: layers after the feature layer, post_layernorm, SigLIP's head."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    shapes = {}
+    for i in range(used, cfg["num_hidden_layers"]):
+        lp = f"{prefix}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{lp}self_attn.{proj}.weight"], shapes[f"{lp}self_attn.{proj}.bias"] = (d, d), (d,)
+        shapes.update({f"{lp}mlp.fc1.weight": (f, d), f"{lp}mlp.fc1.bias": (f,), f"{lp}mlp.fc2.weight": (d, f),
+                       f"{lp}mlp.fc2.bias": (d,), f"{lp}layer_norm1.weight": (d,), f"{lp}layer_norm1.bias": (d,),
+                       f"{lp}layer_norm2.weight": (d,), f"{lp}layer_norm2.bias": (d,)})
+    shapes.update({f"{prefix}post_layernorm.weight": (d,), f"{prefix}post_layernorm.bias": (d,)})
+    if cfg["model_type"].startswith("siglip"):
+        shapes.update({f"{prefix}head.probe": (1, 1, d), f"{prefix}head.attention.in_proj_weight": (3 * d, d),
+                       f"{prefix}head.attention.in_proj_bias": (3 * d,), f"{prefix}head.attention.out_proj.weight":
+                       (d, d), f"{prefix}head.attention.out_proj.bias": (d,), f"{prefix}head.layernorm.weight": (d,),
+                       f"{prefix}head.layernorm.bias": (d,), f"{prefix}head.mlp.fc1.weight": (f, d),
+                       f"{prefix}head.mlp.fc1.bias": (f,), f"{prefix}head.mlp.fc2.weight": (d, f),
+                       f"{prefix}head.mlp.fc2.bias": (d,)})
+    return {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+
+def _to_checkpoint(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    inverse = sorted(((ours, ckpt) for ckpt, ours in rules), key=lambda r: -len(r[0]))
+    out = {}
+    for name, tensor in state.items():
+        ours, ckpt = next(r for r in inverse if name.startswith(r[0]))
+        out[ckpt + name[len(ours):]] = tensor
+    return out
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, shards: int = 2) -> None:
+    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
+    keys = sorted(state)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].to(dtype).contiguous() for k in keys[i::shards]}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old") -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` to ``out`` (written whole, then renamed)."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        _write(family, tmp, seed, layout)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(family: str, folder: Path, seed: int, layout: str) -> None:
+    ids = write_tiny_tokenizer(TOKENIZER_STYLE[family], folder)
+    vocab = -(-ids["vocab_size"] // 64) * 64  # embeddings padded past the tokenizer, as Phi-2's are
+    cfg = _config(family, vocab, ids, layout)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = torch.Generator().manual_seed(seed + 1)
+    tower = folder / "siglip_vision_tower"
+    if family == "tinyllava-legacy":  # the SigLIP tower ships as its own checkpoint (fp16 pytorch_model.bin)
+        tower.mkdir()
+        (tower / "config.json").write_text(json.dumps({**SIGLIP, "num_hidden_layers": 3}, indent=2))
+    new_layout = family in ("llava-gemma", "tiny-llava-hf") and layout == "new"
+    spec = detect(cfg, folder, ["model.language_model."] if new_layout else [])
+    model = VLM(spec)
+    _randomize(model, seed)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if spec.text.tie_word_embeddings:
+        state.pop("text.lm_head.weight")
+    vcfg = SIGLIP if spec.vision.arch == "siglip" else CLIP
+    vision = {k: v for k, v in state.items() if k.startswith("vision.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("vision.")}
+    if family == "tinyllava-legacy":
+        tower_state = _to_checkpoint(vision, spec.vision_key_rules)
+        tower_state.update(_extra_vision(vcfg, "vision_model.", spec.vision.num_layers, gen))
+        torch.save({k: v.half() for k, v in tower_state.items()}, tower / "pytorch_model.bin")
+        stale = {k: torch.randn(v.shape, generator=gen) for k, v in tower_state.items()}  # outdated copy
+        ckpt = _to_checkpoint(rest, spec.key_rules)
+        ckpt.update({"model.vision_tower.vision_tower." + k: v for k, v in stale.items()})
+    else:
+        ckpt = _to_checkpoint(state, spec.key_rules)
+        vision_prefix = next(c for c, o in spec.key_rules if o == "vision.layers.")[:-len("encoder.layers.")]
+        ckpt.update(_extra_vision(vcfg, vision_prefix, spec.vision.num_layers, gen))
+    save_sharded(ckpt, folder, DTYPE[family], shards=3 if family == "llava-gemma" else 2)
+    if family == "llava-gemma":  # Intel's repo keeps the pre-conversion shards beside the real ones
+        save_file({"model.embed_tokens.weight": torch.randn(vocab, 64, generator=gen)},
+                  folder / "model-00001-of-00002.safetensors")
+    if family in ("llava-gemma", "tiny-llava-hf"):
+        (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PROCESSOR, indent=2))
+    if family == "mipha":
+        (folder / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PROCESSOR, indent=2))
+    if family == "tinyllava":  # the Factory ships the slow tokenizer's files only
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids.get("pad")}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
