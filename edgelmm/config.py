@@ -59,7 +59,9 @@ class TextConfig:
         if arch == "phi":
             act, eps = cfg.get("hidden_act", "gelu_new"), cfg.get("layer_norm_eps", 1e-5)
         else:
-            act, eps = cfg.get("hidden_act", "silu"), cfg.get("rms_norm_eps", 1e-6)
+            act, eps = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"), cfg.get("rms_norm_eps", 1e-6)
+        if arch == "gemma" and act == "gelu":  # the released Gemma configs say "gelu" but mean tanh-GELU
+            act = "gelu_pytorch_tanh"
         return cls(
             arch=arch,
             vocab_size=_require(cfg, "vocab_size"),

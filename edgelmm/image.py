@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from edgelmm.errors import ConfigError, ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 64_000_000
-"""Default decompression-bomb guard for ``load_image``: 64 megapixels (e.g. 9000x7000 is refused)."""
+"""Default decompression-bomb guard for ``load_image``: 64 megapixels (e.g. 9000x8000 is refused)."""
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

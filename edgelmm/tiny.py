@@ -16,6 +16,7 @@ from .families import detect
 from .models.vlm import VLM
 from .tiny_tokenizers import write_tiny_tokenizer
 
+QK_SHARPEN = 3.0  # scales q/k init: peaked attention keeps token positions (and a mirrored image) visible
 FAMILIES = ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")
 TOKENIZER_STYLE = {"tinyllava": "phi2", "tinyllava-legacy": "phi2", "mipha": "phi2",
                    "llava-gemma": "gemma", "tiny-llava-hf": "llama"}
@@ -86,19 +87,21 @@ def _config(family: str, vocab: int, ids: dict, layout: str) -> dict:
 
 
 def _randomize(model: VLM, seed: int) -> None:
-    """Random weights with norm gains near 1 (Gemma's (1+w) norms near 0), so tiny models stay sensitive
-    to their input instead of collapsing onto one token."""
+    """Random weights with norm gains near 1 (Gemma's (1+w) norms near 0) and peaked attention, so tiny
+    models stay sensitive to their input (image content and layout) instead of collapsing onto one token."""
     gen = torch.Generator().manual_seed(seed)
+    gemma = model.spec.text.arch == "gemma"
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen)
         if "norm" in name and name.endswith("weight"):
-            offset = 0.0 if model.spec.text.arch == "gemma" and name.startswith("text.") else 1.0
-            p.data = offset + 0.1 * noise
+            p.data = (0.0 if gemma and name.startswith("text.") else 1.0) + 0.1 * noise
         elif p.ndim == 1:
             p.data = 0.1 * noise
+        elif name == "text.embed_tokens.weight":  # Gemma scales embeddings by sqrt(d) at run time
+            p.data = 0.25 * noise / model.spec.text.hidden_size ** 0.5 if gemma else noise
         else:
-            fan_in = p[0].numel()
-            p.data = noise if name == "text.embed_tokens.weight" else noise / fan_in ** 0.5
+            sharpen = QK_SHARPEN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+            p.data = sharpen * noise / p[0].numel() ** 0.5
 
 
 def _extra_vision(cfg: dict, prefix: str, used: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

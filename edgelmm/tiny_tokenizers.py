@@ -3,15 +3,15 @@
 Each style is trained with the ``tokenizers`` BPE trainer on a small built-in English corpus, so common
 words are single tokens, and is written with the files and fields the real checkpoints ship:
 
-- ``"phi2"``: GPT-2 byte-level BPE like ``microsoft/phi-2`` (CodeGenTokenizer): ``<|endoftext|>`` is the
-  last id of ``vocab.json`` and serves as bos = eos = unk = pad; whitespace-run added tokens follow it.
+- ``"phi2"``: GPT-2 byte-level BPE like ``microsoft/phi-2`` (CodeGenTokenizer): ``<|endoftext|>`` is
+  the last id of ``vocab.json`` and serves as bos = eos = unk = pad; whitespace-run added tokens follow it.
 - ``"llama"``: TinyLlama (sentencepiece converted to tokenizer.json): BPE with byte fallback, ``▁``
   metaspace pre-tokenizer, ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then ``<0x00>``..``<0xFF>``;
   optionally ``<image>`` and ``<pad>`` appended, as in ``bczhou/tiny-llava-v1-hf`` (32000, 32001).
 - ``"gemma"``: Gemma: ``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2, ``<unk>`` = 3, ``<mask>`` = 4,
   ``<start_of_turn>`` = 5, ``<end_of_turn>`` = 6 (106/107 in the real vocabulary), bytes, spaces
-  normalized to ``▁`` without a prefix, optionally ``<image>`` appended (256000 in ``Intel/llava-gemma-2b``),
-  and the Gemma-it chat template.
+  normalized to ``▁`` without a prefix, optionally ``<image>`` appended (256000 in
+  ``Intel/llava-gemma-2b``), and the Gemma-it chat template.
 
 No sentencepiece ``tokenizer.model`` is written; edgelmm and transformers both read ``tokenizer.json``.
 """
@@ -68,11 +68,13 @@ The quick brown fox jumps over the lazy dog. Every good picture tells a story ab
 _BYTES = [f"<0x{b:02X}>" for b in range(256)]
 _PHI_WHITESPACE = [" " * n for n in range(8, 1, -1)] + ["\t" * n for n in range(4, 1, -1)]
 _GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
@@ -101,9 +103,11 @@ def _bpe(tokens: list[str], merges: list[tuple[str, str]], **options) -> Tokeniz
 
 
 def _phi2(base: int) -> Tokenizer:
-    trained, merges = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), base - 1, pre_tokenizers.ByteLevel.alphabet())
-    tok = _bpe(trained + ["<|endoftext|>"], merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel
+    trained, merges = _train(byte_level(add_prefix_space=False), base - 1, byte_level.alphabet())
+    options = {"continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False}
+    tok = _bpe(trained + ["<|endoftext|>"], merges, **options)
+    tok.pre_tokenizer = byte_level(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens([_special("<|endoftext|>")])
@@ -114,7 +118,9 @@ def _phi2(base: int) -> Tokenizer:
 def _sentencepiece_like(head: list[str], base: int, prefix: str, unk: str) -> Tokenizer:
     """BPE with byte fallback over ``head`` + bytes + trained tokens; ``prefix`` is the metaspace scheme."""
     head = head + _BYTES
-    trained, merges = _train(pre_tokenizers.Metaspace(prepend_scheme=prefix, split=True), base - len(head), [])
+    trained, merges = _train(
+        pre_tokenizers.Metaspace(prepend_scheme=prefix, split=True), base - len(head), []
+    )
     tok = _bpe(head + trained, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     tok.add_special_tokens([_special(t) for t in head if not t.startswith("<0x")])
     return tok
@@ -124,7 +130,9 @@ def _llama(base: int) -> Tokenizer:
     tok = _sentencepiece_like(["<unk>", "<s>", "</s>"], base, "always", "<unk>")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     strip = decoders.Strip(content=" ", left=1, right=0)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), strip])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), strip]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -145,7 +153,9 @@ def _gemma(base: int) -> Tokenizer:
 
 def _added_tokens_decoder(tok: Tokenizer) -> dict[str, dict]:
     fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
-    return {str(i): {f: getattr(t, f) for f in fields} for i, t in sorted(tok.get_added_tokens_decoder().items())}
+    return {
+        str(i): {f: getattr(t, f) for f in fields} for i, t in sorted(tok.get_added_tokens_decoder().items())
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -159,23 +169,55 @@ def _phi2_files(tok: Tokenizer, out: Path) -> dict:
     (out / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
     _write_json(out / "added_tokens.json", {ws: tok.token_to_id(ws) for ws in _PHI_WHITESPACE})
     eot = "<|endoftext|>"
-    return {"add_prefix_space": False, "bos_token": eot, "clean_up_tokenization_spaces": True, "eos_token": eot,
-            "model_max_length": 2048, "pad_token": eot, "return_token_type_ids": False,
-            "tokenizer_class": "CodeGenTokenizer", "unk_token": eot}
+    return {
+        "add_prefix_space": False,
+        "bos_token": eot,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": eot,
+        "model_max_length": 2048,
+        "pad_token": eot,
+        "return_token_type_ids": False,
+        "tokenizer_class": "CodeGenTokenizer",
+        "unk_token": eot,
+    }
 
 
-def _llama_config(pad: str) -> dict:
-    return {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
-            "eos_token": "</s>", "legacy": False, "model_max_length": 2048, "pad_token": pad, "padding_side": "right",
-            "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>"}
+def _llama_config(extras: list[str]) -> dict:
+    pad = "<pad>" if "<pad>" in extras else "</s>"  # TinyLlama-Chat pads with </s>
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "model_max_length": 2048,
+        "pad_token": pad,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    }
 
 
 def _gemma_config() -> dict:
-    return {"add_bos_token": True, "add_eos_token": False, "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-            "bos_token": "<bos>", "chat_template": _GEMMA_TEMPLATE, "clean_up_tokenization_spaces": False,
-            "eos_token": "<eos>", "model_max_length": 8192, "pad_token": "<pad>", "padding_side": "left",
-            "sp_model_kwargs": {}, "spaces_between_special_tokens": False, "tokenizer_class": "GemmaTokenizer",
-            "unk_token": "<unk>", "use_default_system_prompt": False}
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "bos_token": "<bos>",
+        "chat_template": _GEMMA_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<eos>",
+        "model_max_length": 8192,
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "GemmaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
 
 
 def _extras(style: str, image_token: bool | None, pad_token: bool | None) -> list[str]:
@@ -190,14 +232,20 @@ def _extras(style: str, image_token: bool | None, pad_token: bool | None) -> lis
 
 
 def write_tiny_tokenizer(
-    style: str, out_dir: str | Path, vocab_size: int = 512, *, image_token: bool | None = None, pad_token: bool | None = None
+    style: str,
+    out_dir: str | Path,
+    vocab_size: int = 512,
+    *,
+    image_token: bool | None = None,
+    pad_token: bool | None = None,
 ) -> dict:
     """Train and write a tiny tokenizer of ``style`` ("phi2", "llama", "gemma") into ``out_dir``.
 
-    ``vocab_size`` is the exact number of ids the tokenizer defines, added tokens included (give the model
-    that many embedding rows, or more); 400 to 1100 fits every style. ``image_token`` appends ``<image>`` after the base
-    vocabulary (default: on for llama and gemma, refused for phi2); ``pad_token`` appends ``<pad>`` after it
-    (llama only, default on; without it pad is ``</s>`` as in TinyLlama-Chat).
+    ``vocab_size`` is the exact number of ids the tokenizer defines, added tokens included (give the
+    model that many embedding rows, or more); 400 to 1100 fits every style. ``image_token`` appends
+    ``<image>`` after the base vocabulary (default: on for llama and gemma, refused for phi2);
+    ``pad_token`` appends ``<pad>`` after it (llama only, default on; without it pad is ``</s>`` as in
+    TinyLlama-Chat).
 
     Returns the token ids under ``bos``, ``eos``, ``pad``, ``unk``, ``image`` (None without one) and, for
     gemma, ``start_of_turn`` / ``end_of_turn``; plus ``vocab_size`` and ``base_vocab_size`` (ids before the
@@ -213,15 +261,17 @@ def write_tiny_tokenizer(
     actual = tok.get_vocab_size(with_added_tokens=True)
     if actual != vocab_size:
         bound = "at least" if actual > vocab_size else "at most"
-        raise ConfigError(f"vocab_size {vocab_size} does not fit the {style} style and its built-in corpus; "
-                          f"use {bound} {actual}")
+        raise ConfigError(
+            f"vocab_size {vocab_size} does not fit the {style} style and its built-in corpus; "
+            f"use {bound} {actual}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     if style == "phi2":
         config = _phi2_files(tok, out)
     else:
-        config = _llama_config("<pad>" if "<pad>" in extras else "</s>") if style == "llama" else _gemma_config()
+        config = _llama_config(extras) if style == "llama" else _gemma_config()
         if extras:
             _write_json(out / "added_tokens.json", {t: tok.token_to_id(t) for t in extras})
     _write_json(out / "tokenizer_config.json", {"added_tokens_decoder": _added_tokens_decoder(tok), **config})
@@ -231,9 +281,9 @@ def write_tiny_tokenizer(
 
 
 def _report(style: str, tok: Tokenizer, config: dict, base: int) -> dict:
-    report = {name: tok.token_to_id(config[f"{name}_token"]) for name in ("bos", "eos", "pad", "unk")}
-    report.update(image=tok.token_to_id("<image>"), vocab_size=tok.get_vocab_size(with_added_tokens=True),
-                  base_vocab_size=base)
+    names = {name: config[f"{name}_token"] for name in ("bos", "eos", "pad", "unk")}
+    names["image"] = "<image>"
     if style == "gemma":
-        report.update(start_of_turn=tok.token_to_id("<start_of_turn>"), end_of_turn=tok.token_to_id("<end_of_turn>"))
-    return report
+        names.update(start_of_turn="<start_of_turn>", end_of_turn="<end_of_turn>")
+    ids = {key: tok.token_to_id(token) for key, token in names.items()}
+    return {**ids, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "base_vocab_size": base}

@@ -33,7 +33,7 @@ from edgelmm.errors import CheckpointError, ConfigError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 _MAKE_TOKENIZER_JSON = (
-    "python -c \"from transformers import AutoTokenizer; "
+    'python -c "from transformers import AutoTokenizer; '
     "AutoTokenizer.from_pretrained('{0}').save_pretrained('{0}')\""
 )
 
@@ -45,7 +45,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not readable JSON ({err}); copy it again from the original checkpoint") from err
+        raise CheckpointError(
+            f"{path} is not readable JSON ({err}); copy it again from the original checkpoint"
+        ) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} should hold a JSON object; copy it again from the original checkpoint")
     return data
@@ -62,15 +64,20 @@ def _missing_tokenizer(folder: Path) -> CheckpointError:
     bpe_files = [name for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]
     if len(bpe_files) == 1:
         other = "merges.txt" if bpe_files[0] == "vocab.json" else "vocab.json"
-        return CheckpointError(f"{folder} has {bpe_files[0]} but no {other} and no tokenizer.json; "
-                               "copy the tokenizer files of the base model into the folder")
+        return CheckpointError(
+            f"{folder} has {bpe_files[0]} but no {other} and no tokenizer.json; "
+            "copy the tokenizer files of the base model into the folder"
+        )
     if (folder / "tokenizer.model").is_file():
         return CheckpointError(
-            f"{folder} has only a sentencepiece tokenizer.model; edgelmm needs tokenizer.json. Create it once, "
-            f"on a machine with transformers and sentencepiece: {_MAKE_TOKENIZER_JSON.format(folder)}"
+            f"{folder} has only a sentencepiece tokenizer.model; edgelmm needs tokenizer.json. "
+            "Create it once, on a machine with transformers and sentencepiece: "
+            + _MAKE_TOKENIZER_JSON.format(folder)
         )
-    return CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt "
-                           "(GPT-2/Phi BPE); copy the tokenizer files of the base model into the folder")
+    return CheckpointError(
+        f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt "
+        "(GPT-2/Phi BPE); copy the tokenizer files of the base model into the folder"
+    )
 
 
 def _byte_level_bpe(folder: Path, add_prefix_space: bool) -> _Backend:
@@ -78,7 +85,9 @@ def _byte_level_bpe(folder: Path, add_prefix_space: bool) -> _Backend:
     try:
         backend = _Backend(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
     except Exception as err:  # tokenizers raises plain Exception on malformed files
-        raise CheckpointError(f"cannot read vocab.json/merges.txt in {folder} ({err}); copy them again") from err
+        raise CheckpointError(
+            f"cannot read vocab.json/merges.txt in {folder} ({err}); copy them again"
+        ) from err
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = decoders.ByteLevel()
     return backend
@@ -90,7 +99,9 @@ def _load_backend(folder: Path, tok_config: dict) -> _Backend:
         try:
             return _Backend.from_file(str(path))
         except Exception as err:  # tokenizers raises plain Exception on malformed files
-            raise CheckpointError(f"cannot read {path} ({err}); copy it again from the original checkpoint") from err
+            raise CheckpointError(
+                f"cannot read {path} ({err}); copy it again from the original checkpoint"
+            ) from err
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return _byte_level_bpe(folder, bool(tok_config.get("add_prefix_space", False)))
     raise _missing_tokenizer(folder)
@@ -110,7 +121,9 @@ def _declared_tokens(folder: Path, tok_config: dict, special: set[str]) -> dict[
         for text, idx in _read_json(folder / "added_tokens.json").items()
     }
     for idx, spec in tok_config.get("added_tokens_decoder", {}).items():
-        options = {k: spec[k] for k in ("lstrip", "rstrip", "single_word", "normalized", "special") if k in spec}
+        options = {
+            k: spec[k] for k in ("lstrip", "rstrip", "single_word", "normalized", "special") if k in spec
+        }
         declared[int(idx)] = AddedToken(spec["content"], **options)
     return declared
 
@@ -128,8 +141,10 @@ def _register(backend: _Backend, declared: dict[int, AddedToken]) -> None:
             backend.add_tokens([token])
         got = backend.token_to_id(token.content)
         if got != idx:
-            raise CheckpointError(f"added token {token.content!r} is declared with id {idx} but the vocabulary "
-                                  f"gives it {got}; the tokenizer files disagree, copy them again")
+            raise CheckpointError(
+                f"added token {token.content!r} is declared with id {idx} but the vocabulary "
+                f"gives it {got}; the tokenizer files disagree, copy them again"
+            )
 
 
 def _config_id(configs: list[dict], key: str) -> int | None:
@@ -141,6 +156,16 @@ def _config_id(configs: list[dict], key: str) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def _special_id(backend: _Backend, name: str, metas: tuple[dict, ...], id_configs: list[dict]) -> int | None:
+    """Id of special token ``name`` ("bos", "eos", "pad"): the token the tokenizer files name, if the
+    vocabulary has it, else ``<name>_token_id`` from the configs."""
+    for meta in metas:
+        text = _content(meta.get(f"{name}_token"))
+        if text is not None and backend.token_to_id(text) is not None:
+            return backend.token_to_id(text)
+    return _config_id(id_configs, f"{name}_token_id")
 
 
 def _chat_template(folder: Path, tok_config: dict) -> str | None:
@@ -173,11 +198,8 @@ class Tokenizer:
         _register(backend, _declared_tokens(folder, tok_config, _special_names(tok_config, special_map)))
         config = _read_json(folder / "config.json")
         id_configs = [_read_json(folder / "generation_config.json"), config, config.get("text_config") or {}]
-        special_ids = {}
-        for name in ("bos", "eos", "pad"):
-            texts = (_content(meta.get(f"{name}_token")) for meta in (tok_config, special_map))
-            ids = (backend.token_to_id(text) for text in texts if text is not None)
-            special_ids[name] = next((i for i in ids if i is not None), _config_id(id_configs, f"{name}_token_id"))
+        metas = (tok_config, special_map)
+        special_ids = {name: _special_id(backend, name, metas, id_configs) for name in ("bos", "eos", "pad")}
         return cls(backend, special_ids, _chat_template(folder, tok_config))
 
     @property
@@ -216,7 +238,8 @@ class Tokenizer:
         return [self.bos_token_id, *ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids``; special tokens (``<image>``, ``</s>``...) are dropped unless asked for."""
+        """Text of ``ids``; special tokens (``<image>``, ``</s>``...) are dropped unless asked for, and ids
+        past the tokenizer's vocabulary (padded embedding rows) decode to nothing."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:

@@ -13,13 +13,25 @@ from edgelmm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.")
-GEMMA_PROMPT = "<bos><start_of_turn>user\n<image>\nWhat's the content of the image?<end_of_turn>\n<start_of_turn>model\n"
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+GEMMA_PROMPT = (
+    "<bos><start_of_turn>user\n<image>\nWhat's the content of the image?<end_of_turn>\n<start_of_turn>model\n"
+)
 TRICKY = [
-    "", " ", "  two leading spaces", " one leading space", "trailing spaces  ", "multiple   spaces\tand\ttabs\n\nlines",
-    "Café naïve résumé Ångström “quotes” — dash … ellipsis", "日本語のテキストと中文，한국어", "emoji 😀👍🏽 🇯🇵 👩‍👩‍👧",
-    "numbers 3.14159 2024-05-01 1,000,000 $19.99 42% 0x1F", "The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "  two leading spaces",
+    " one leading space",
+    "trailing spaces  ",
+    "multiple   spaces\tand\ttabs\n\nlines",
+    "Café naïve résumé Ångström “quotes” — dash … ellipsis",
+    "日本語のテキストと中文，한국어",
+    "emoji 😀👍🏽 🇯🇵 👩‍👩‍👧",
+    "numbers 3.14159 2024-05-01 1,000,000 $19.99 42% 0x1F",
+    "The quick brown fox jumps over the lazy dog.",
 ]
 PROMPTS = TRICKY + [
     f"{SYSTEM} USER: <image>\nWhat is this? ASSISTANT:",
@@ -35,12 +47,16 @@ SIZES = {"phi2": 600, "llama": 700, "gemma": 800}
 def tiny(tmp_path_factory):
     """style -> (folder, ids reported by write_tiny_tokenizer)."""
     root = tmp_path_factory.mktemp("tok")
-    return {style: (root / style, write_tiny_tokenizer(style, root / style, SIZES[style])) for style in STYLES}
+    return {
+        style: (root / style, write_tiny_tokenizer(style, root / style, SIZES[style])) for style in STYLES
+    }
 
 
 @pytest.fixture(scope="module")
 def hf(tiny):
-    return {style: transformers.AutoTokenizer.from_pretrained(str(folder)) for style, (folder, _) in tiny.items()}
+    return {
+        style: transformers.AutoTokenizer.from_pretrained(str(folder)) for style, (folder, _) in tiny.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +78,9 @@ def test_decode_matches_transformers(style, hf, ours):
     for text in PROMPTS:
         ids = tok.encode(text, add_bos=True)
         for skip in (True, False):
-            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), text
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (
+                text
+            )
     for text in TRICKY:  # byte-level and byte fallback round-trip any text...
         if style == "llama" and text.startswith(" "):  # ...but Metaspace skips the prefix if one is there
             continue
@@ -107,13 +125,25 @@ def test_special_ids(style, tiny, hf, ours):
     n = SIZES[style]
     assert tok.vocab_size == ids["vocab_size"] == len(ref) == n
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ids["bos"], ids["eos"], ids["pad"])
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
-                                                                      ref.pad_token_id)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        ref.bos_token_id,
+        ref.eos_token_id,
+        ref.pad_token_id,
+    )
     expected = {
-        "phi2": dict(bos=n - 11, eos=n - 11, pad=n - 11, unk=n - 11, image=None, base_vocab_size=n - 10),
-        "llama": dict(bos=1, eos=2, pad=n - 1, unk=0, image=n - 2, base_vocab_size=n - 2),
-        "gemma": dict(bos=2, eos=1, pad=0, unk=3, image=n - 1, base_vocab_size=n - 1, start_of_turn=5, end_of_turn=6),
+        "phi2": {"bos": n - 11, "eos": n - 11, "pad": n - 11, "unk": n - 11, "image": None},
+        "llama": {"bos": 1, "eos": 2, "pad": n - 1, "unk": 0, "image": n - 2},
+        "gemma": {
+            "bos": 2,
+            "eos": 1,
+            "pad": 0,
+            "unk": 3,
+            "image": n - 1,
+            "start_of_turn": 5,
+            "end_of_turn": 6,
+        },
     }[style]
+    expected["base_vocab_size"] = n - 10 if style == "phi2" else expected["image"]
     assert {k: ids[k] for k in expected} == expected
     assert tok.token_to_id("<image>") == ids["image"]
     assert tok.token_to_id("no such token") is None
@@ -142,7 +172,10 @@ def test_vocab_merges_fallback_matches_tokenizer_json(tiny, ours, tmp_path):
         assert fallback.decode(ids) == full.decode(ids)
     assert fallback.vocab_size == full.vocab_size
     assert (fallback.bos_token_id, fallback.eos_token_id, fallback.pad_token_id) == (
-        full.bos_token_id, full.eos_token_id, full.pad_token_id)
+        full.bos_token_id,
+        full.eos_token_id,
+        full.pad_token_id,
+    )
 
 
 def test_tokenizer_files_beat_config_ids(tiny, tmp_path):
@@ -219,7 +252,9 @@ def test_tiny_tokenizer_options(tmp_path):
 
 
 def test_import_pulls_in_neither_torch_nor_transformers():
-    code = ("import sys, edgelmm.tokenizer, edgelmm.tiny_tokenizers; "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, edgelmm.tokenizer, edgelmm.tiny_tokenizers; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,64 @@
+"""Each family's tiny replica, saved in its real layout, against an independent transformers reference:
+prompt logits within 1e-4 of the logit scale (fp32), and 16 identical greedy tokens."""
+import pytest
+import torch
+from conftest import LAYOUTS
+from reference import reference_for, sample_image
+
+from edgelmm import EdgeLMM
+
+STEPS = 16
+QUESTION = "What is in the picture?"
+
+
+def edgelmm_prompt_logits(model: EdgeLMM, image, question: str) -> torch.Tensor:
+    """All prompt positions' logits [T, V] from edgelmm (API path up to the decoder)."""
+    from edgelmm.image import load_image, preprocess
+
+    pixels = torch.from_numpy(preprocess(load_image(image), model.spec.image))[None]
+    _, ids = model.prompt_ids(question)
+    with torch.inference_mode():
+        embeds = model.model.splice(torch.tensor([ids]), model.model.encode_image(pixels))
+        return model.model.text(embeds, model.cache, start=0, last_only=False)[0]
+
+
+@pytest.mark.parametrize("family,layout", LAYOUTS)
+def test_logits_and_greedy_tokens_match_reference(tiny_checkpoint, family, layout):
+    folder = tiny_checkpoint(family, layout)
+    ref = reference_for(folder, family)
+    model = EdgeLMM.load(folder)
+    image = sample_image()
+
+    assert model.prompt_ids(QUESTION)[1] == _expand(ref.prompt_ids(QUESTION), model)
+    ref_logits, ref_tokens = ref.greedy(image, QUESTION, STEPS)
+    ours = edgelmm_prompt_logits(model, image, QUESTION)
+    assert ours.shape == ref_logits.shape
+    scale = ref_logits.abs().max()
+    assert (ours - ref_logits).abs().max() / scale < 1e-4
+
+    result = model.generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=())
+    expected = _until_stop(ref_tokens, model.stop_ids)
+    assert result.token_ids == expected
+
+    # The image path must matter: a mirrored image changes the reference's answer, and ours follows it.
+    mirrored = image.transpose(0)  # FLIP_LEFT_RIGHT
+    _, ref_mirrored = ref.greedy(mirrored, QUESTION, STEPS)
+    assert ref_mirrored != ref_tokens
+    assert model.generate(mirrored, QUESTION, max_new_tokens=STEPS).token_ids == _until_stop(ref_mirrored,
+                                                                                            model.stop_ids)
+
+
+def _expand(ids: list[int], model: EdgeLMM) -> list[int]:
+    """Reference ids with LLaVA's single sentinel expanded to one placeholder per image token."""
+    n = model.spec.vision.num_image_tokens
+    out = []
+    for i in ids:
+        out.extend([i] * n if i == -200 else [i])
+    return out
+
+
+def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
