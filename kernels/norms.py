@@ -14,7 +14,7 @@ from ._common import check, check_tensor, next_power_of_2, require_triton, tl, t
 LAUNCH_CONFIGS = {
     (dtype, block_n): num_warps
     for dtype in (torch.float16, torch.float32)
-    for block_n, num_warps in ((1024, 4), (4096, 8), (8192, 16))
+    for block_n, num_warps in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))
 }
 
 
@@ -54,7 +54,7 @@ def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _prepare(x, weight, bias, out, residual, residual_out):
     """Check arguments and return 2-D row views (x, out, residual, residual_out)."""
-    n = weight.shape[-1] if isinstance(weight, torch.Tensor) else -1
+    n = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() >= 1 else -1
     x2, out2 = _rows("x", x, n), _rows("out", out, n)
     dtypes = (torch.float16, torch.float32)
     check_tensor("x", x2, (None, n), dtypes, x.device)
@@ -75,7 +75,7 @@ def _launch(x, weight, bias, out, eps, residual, residual_out, is_rms, weight_of
     require_triton(x.device)
     x2, out2, r2, ro2 = _prepare(x, weight, bias, out, residual, residual_out)
     n = x2.shape[1]
-    block_n = max(1024, next_power_of_2(n))
+    block_n = max(1024, next_power_of_2(n))  # 1024, 2048, 4096 or 8192
     num_warps = LAUNCH_CONFIGS.get((x.dtype, block_n))
     check(num_warps is not None, f"hidden size {n} unsupported: at most 8192")
     has_residual = r2 is not None
