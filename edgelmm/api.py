@@ -58,16 +58,20 @@ class EdgeLMM:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None) -> "EdgeLMM":
-        """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), offline.
+        """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
+        description ``.json`` naming its released pieces (see ``edgelmm.tinygptv``), offline.
 
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to fp16 on CUDA and fp32 on CPU.
         ``vision_tower`` points legacy TinyLLaVA at its separate SigLIP folder when it is not found beside
         the checkpoint. ``context_length`` caps the preallocated KV cache (default: the model's context)."""
         folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _resolve_dtype(dtype, device)
+        if folder.suffix == ".json" and folder.is_file():  # a description file naming released pieces (TinyGPT-V)
+            from .tinygptv import load_tinygptv
+            return cls(*load_tinygptv(folder, device, dtype, context_length))
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
         files = WeightFiles(folder)
         spec = detect(read_json(folder / "config.json"), folder, files.keys(), vision_tower)
         embed_key = next((k for k in files.keys() if k.endswith("embed_tokens.weight")), None)

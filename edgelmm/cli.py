@@ -42,7 +42,7 @@ def cmd_ask(args) -> None:
 def cmd_make_tiny(args) -> None:
     from .tiny import make_tiny
 
-    print(make_tiny(args.family, args.out, seed=args.seed, layout=args.layout))
+    print(make_tiny(args.family, args.out, seed=args.seed, layout=args.layout, llm=args.llm))
 
 
 def cmd_demo(args) -> None:
@@ -78,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(ask)
     ask.set_defaults(func=cmd_ask)
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in a family's real layout")
-    tiny.add_argument("family", choices=FAMILIES)
+    tiny.add_argument("family", choices=(*FAMILIES, "tinygpt-v"))
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layout", choices=("old", "new"), default="old", help="HF Llava key layout")
+    tiny.add_argument("--llm", choices=("phi", "llama", "gemma", "qwen2"), default="phi",
+                      help="TinyLLaVA Factory language model")
     tiny.set_defaults(func=cmd_make_tiny)
     demo = sub.add_parser("demo", help="make a tiny model and ask it about a synthetic image, offline")
     demo.add_argument("--family", choices=FAMILIES, default="tinyllava")

@@ -38,6 +38,8 @@ class TextConfig:
     lm_head_bias: bool
     qkv_bias: bool
     out_bias: bool
+    qk_layernorm: bool = False  # per-head LayerNorm on q and k before rotary (Phi option; TinyGPT-V)
+    post_attention_rmsnorm: bool = False  # TinyGPT-V: RMSNorm on the attention output (parallel block)
 
     def __post_init__(self):
         if self.arch not in TEXT_ARCHS:

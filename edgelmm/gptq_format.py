@@ -181,7 +181,8 @@ class QuantLinear(nn.Module):
         """Build from ``state_dict[prefix + "qweight" | "qzeros" | "scales" | "g_idx" | "bias"]``.
 
         ``prefix`` includes the trailing dot (e.g. ``"model.layers.0.mlp.fc1."``). A missing ``g_idx``
-        means the trivial one; a missing ``bias`` means none. Shapes are checked against ``qweight``.
+        means the trivial one; a missing ``bias`` means none. Shapes are checked against ``qweight``. The
+        tensors are used as they are (no copy); ``scales`` and ``bias`` keep their float dtype.
         """
         pf = _check(bits, checkpoint_format)
         missing = [prefix + n for n in ("qweight", "qzeros", "scales") if prefix + n not in state_dict]

@@ -37,4 +37,6 @@ TEMPLATES = {t.name: t for t in (
     Template("gemma_chat", "<bos><start_of_turn>user\n<image>\n{question}<end_of_turn>\n<start_of_turn>model\n",
              add_bos=False, stop=("<end_of_turn>", "<eos>")),
     Template("llava_hf", "USER: <image>\n{question}\nASSISTANT:", add_bos=True, stop=("</s>",)),
+    # TinyGPT-V (MiniGPT-v2 eval conversation): <image> stands for <ImageHere>; Phi-2 adds no BOS
+    Template("tinygpt-v", "###Human: <Img><image></Img> {question}###Assistant: ", add_bos=False, stop=("###",)),
 )}

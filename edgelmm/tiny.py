@@ -39,6 +39,9 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "nu
 GEMMA = {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "hidden_act": "gelu",
          "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+QWEN2 = {**LLAMA, "model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False}
+FACTORY_LLMS = {"phi": (PHI, "microsoft/phi-2", "phi2"), "llama": (LLAMA, "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama"),
+                "gemma": (GEMMA, "google/gemma-2b-it", "gemma"), "qwen2": (QWEN2, "Qwen/Qwen2-0.5B", "phi2")}
 SIGLIP_PROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
                     "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
                     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
@@ -49,17 +52,18 @@ CLIP_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": Tru
                   "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-def _config(family: str, vocab: int, ids: dict, layout: str) -> dict:
+def _config(family: str, vocab: int, ids: dict, llm: str) -> dict:
     """config.json as the family's released checkpoints write it (tiny sizes)."""
     if family == "tinyllava":
+        text, llm_name, _ = FACTORY_LLMS[llm]
         return {"architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava",
-                "llm_model_name_or_path": "microsoft/phi-2", "vision_model_name_or_path":
+                "llm_model_name_or_path": llm_name, "vision_model_name_or_path":
                 "google/siglip-so400m-patch14-384", "connector_type": "mlp2x_gelu", "hidden_size": PHI["hidden_size"],
                 "image_aspect_ratio": "square", "image_token_index": -200, "ignore_index": -100,
                 "vision_feature_layer": -2, "vision_feature_select_strategy": "patch", "vision_hidden_size": 32,
                 "pad_token": "<|endoftext|>", "pad_token_id": ids["pad"], "tokenizer_model_max_length": 3072,
                 "tokenizer_padding_side": "right", "tokenizer_use_fast": False, "torch_dtype": "float16",
-                "text_config": {**PHI, "vocab_size": vocab, "architectures": ["PhiForCausalLM"]},
+                "text_config": {**text, "vocab_size": vocab},
                 "vision_config": SIGLIP, "num_queries": 128, "num_resampler_layers": 3}
     if family == "tinyllava-legacy":
         return {**PHI, "architectures": ["TinyLlavaPhiForCausalLM"], "model_type": "tiny_llava_phi",
@@ -149,10 +153,16 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtyp
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old") -> Path:
-    """Write a tiny random-weight checkpoint of ``family`` to ``out`` (written whole, then renamed)."""
+def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", llm: str = "phi") -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` to ``out`` (written whole, then renamed).
+    ``layout`` picks HF Llava's old or new key layout; ``llm`` the TinyLLaVA Factory language model."""
+    if family == "tinygpt-v":  # released pieces plus a description file; returns that file's path
+        from .tinygptv_tiny import make_tiny_tinygptv
+        return make_tiny_tinygptv(out, seed)
     if family not in FAMILIES:
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if llm != "phi" and family != "tinyllava" or llm not in FACTORY_LLMS:
+        raise ConfigError(f"--llm {llm} applies to the tinyllava family only, with one of {sorted(FACTORY_LLMS)}")
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new folder")
@@ -160,7 +170,7 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old") 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        _write(family, tmp, seed, layout)
+        _write(family, tmp, seed, layout, llm)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,10 +178,13 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old") 
     return out
 
 
-def _write(family: str, folder: Path, seed: int, layout: str) -> None:
-    ids = write_tiny_tokenizer(TOKENIZER_STYLE[family], folder)
+def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
+    if family == "tinyllava":  # sentinel splicing: no <image> token in the vocabulary
+        ids = write_tiny_tokenizer(FACTORY_LLMS[llm][2], folder, image_token=False, pad_token=False)
+    else:
+        ids = write_tiny_tokenizer(TOKENIZER_STYLE[family], folder)
     vocab = -(-ids["vocab_size"] // 64) * 64  # embeddings padded past the tokenizer, as Phi-2's are
-    cfg = _config(family, vocab, ids, layout)
+    cfg = _config(family, vocab, ids, llm)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed + 1)
     tower = folder / "siglip_vision_tower"
@@ -207,7 +220,7 @@ def _write(family: str, folder: Path, seed: int, layout: str) -> None:
         (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PROCESSOR, indent=2))
     if family == "mipha":
         (folder / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PROCESSOR, indent=2))
-    if family == "tinyllava":  # the Factory ships the slow tokenizer's files only
+    if family == "tinyllava" and llm == "phi":  # the Phi-2 Factory model ships the slow tokenizer's files only
         (folder / "tokenizer.json").unlink(missing_ok=True)
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids.get("pad")}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -100,7 +100,7 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
 
 def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantResult:
     """Round-to-nearest quantization of ``w [N, K]`` with one (scale, zero) per row and group of K."""
-    n, k = w.shape
+    k = w.shape[1]
     size = _check_args(bits, group_size, k)
     w = w.float()
     scales, zeros, ints = [], [], []
@@ -119,12 +119,11 @@ def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: boo
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, max_damp: float = 1.0) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, float64 ``[K, K]``, and the damp used.
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` in ``h``'s dtype, and the damp used.
 
     On failure the damp is multiplied by 10 and the factorization retried while ``damp <= max_damp``;
     past that :class:`QuantizationError` is raised.
     """
-    h = h.double()
     if not torch.isfinite(h).all():
         raise QuantizationError("Hessian contains inf/NaN; check the calibration activations")
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
@@ -155,6 +154,8 @@ class GPTQ:
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate the inputs ``x [..., K]`` of the layer (every leading position is one sample)."""
         x = x.reshape(-1, self.hessian.shape[0]).to(self.hessian)  # [n, K]
+        if x.shape[0] == 0:
+            return
         total = self.nsamples + x.shape[0]
         self.hessian *= self.nsamples / total
         x = x * math.sqrt(2 / total)  # [n, K]
@@ -178,58 +179,59 @@ class GPTQ:
             raise QuantizationError("GPTQ.quantize called before any add_batch")
         if not static_groups and size < k and size % block_size and block_size % size:
             raise ConfigError(f"group_size {size} and block_size {block_size}: one must divide the other")
-        dev = w.device
-        w = w.detach().float().clone()  # [N, K]
-        h = self.hessian.to(dev, torch.float64)  # [K, K] (a copy)
-        dead = torch.diag(h) == 0  # [K]
-        h[dead, dead] = 1
-        w[:, dead] = 0
+        w, h = self._without_dead_columns(w)  # [N, K], [K, K]
         static = [fit_grid(w[:, s:s + size], bits, sym) for s in range(0, k, size)] if static_groups else []
-        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
-        w, h = w[:, perm], h[perm][:, perm]  # [N, K], [K, K]
-        hinv, used_damp = inverse_cholesky(h, damp)
-        hinv = hinv.float()  # [K, K] upper
-        q = torch.zeros(n, k, dtype=torch.int64, device=dev)  # [N, K] in visiting order
-        group_of = (perm if static_groups else torch.arange(k, device=dev)) // size  # [K], visiting order
+        natural = torch.arange(k, device=w.device)  # [K]
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else natural  # [K]
+        w, h = w[:, perm], h[perm][:, perm]  # [N, K], [K, K] in visiting order
+        hinv, used_damp = inverse_cholesky(h, damp)  # [K, K] upper
+        q = torch.zeros(n, k, dtype=torch.int64, device=w.device)  # [N, K] in visiting order
+        group_of = (perm if static_groups else natural) // size  # [K], in visiting order
         grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static))
-        loss = 0.0
+        loss, visit_groups = 0.0, group_of.tolist()
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
-            loss += self._quantize_block(w, hinv, q, group_of, grids, i1, i2, size, bits, sym)
-        g = num_groups(k, group_size)
+            loss += self._quantize_block(w, hinv, q, visit_groups, grids, i1, i2, size, bits, sym)
         invperm = torch.argsort(perm)  # [K]
+        groups = range(num_groups(k, group_size))
         return GPTQResult(
             intweight=q[:, invperm].t().to(torch.int32).contiguous(),  # [K, N]
-            scales=torch.stack([grids[i][0] for i in range(g)]),  # [G, N]
-            zeros=torch.stack([grids[i][1] for i in range(g)]).to(torch.int32),  # [G, N]
+            scales=torch.stack([grids[g][0] for g in groups]),  # [G, N]
+            zeros=torch.stack([grids[g][1] for g in groups]).to(torch.int32),  # [G, N]
             g_idx=group_of[invperm].to(torch.int32),  # [K]
             loss=loss,
             damp=used_damp,
         )
 
+    def _without_dead_columns(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 copies of ``w [N, K]`` and H ``[K, K]`` where every never-activated input column
+        (``H_ii == 0``) has ``H_ii = 1`` and a zero weight."""
+        w = w.detach().float().clone()  # [N, K]
+        h = self.hessian.to(w.device, copy=True)  # [K, K]
+        dead = torch.diag(h) == 0  # [K]
+        h[dead, dead] = 1
+        w[:, dead] = 0
+        return w, h
+
     @staticmethod
-    def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, q: torch.Tensor, group_of: torch.Tensor,
+    def _quantize_block(w: torch.Tensor, hinv: torch.Tensor, q: torch.Tensor, group_of: list[int],
                         grids: dict, i1: int, i2: int, size: int, bits: int, sym: bool) -> float:
         """Quantize columns ``[i1, i2)`` of ``w`` in place, then push their error onto columns ``>= i2``.
 
         ``w`` is updated in place, so a dynamic group fitted at its first column sees every update made
         so far; ``grids`` maps group index -> (scale, zero) and is filled here for dynamic groups.
+        Returns the block's share of the GPTQ loss.
         """
         block = w[:, i1:i2]  # [N, B] view
         err = torch.zeros_like(block)  # [N, B]
-        loss = 0.0
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(group_of[col])
-            if gi not in grids:
-                grids[gi] = fit_grid(w[:, col:col + size], bits, sym)  # ([N], [N])
-            scale, zero = grids[gi]
+            if group_of[col] not in grids:
+                grids[group_of[col]] = fit_grid(w[:, col:col + size], bits, sym)  # ([N], [N])
+            scale, zero = grids[group_of[col]]
             column = block[:, i]  # [N]
             q[:, col] = quantize_column(column, scale, zero, bits)  # [N]
-            deq = scale * (q[:, col] - zero)  # [N]
-            d = hinv[col, col]
-            err[:, i] = (column - deq) / d  # [N]
-            loss += float(((column - deq) ** 2).sum() / d**2 / 2)
-            block[:, i:] -= err[:, i:i + 1] @ hinv[col:col + 1, col:i2]  # [N, B - i]
+            err[:, i] = (column - scale * (q[:, col] - zero)) / hinv[col, col]  # [N]
+            block[:, i:].addr_(err[:, i], hinv[col, col:i2], alpha=-1)  # [N, B - i]
         w[:, i2:] -= err @ hinv[i1:i2, i2:]  # [N, K - i2]
-        return loss
+        return float((err**2).sum() / 2)

@@ -19,19 +19,21 @@ except ImportError:
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn or (lambda f: f))
     tl = SimpleNamespace(constexpr=object)
 
-__all__ = ["HAS_TRITON", "triton", "tl", "require_triton", "check", "check_tensor", "next_power_of_2", "cdiv"]
+__all__ = ["HAS_TRITON", "check", "check_tensor", "next_power_of_2", "require_triton", "tl", "triton"]
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8"}
 
 
 def require_triton(device: torch.device) -> None:
-    """Fail clearly unless triton is installed and can run on ``device`` (CUDA, or CPU under the interpreter)."""
+    """Fail clearly unless triton is installed and can run on ``device`` (CUDA, or CPU when interpreting)."""
     if not HAS_TRITON:
         raise ModuleNotFoundError(
-            "triton is not installed; install edgelmm[triton] or use the torch reference (EDGELMM_KERNELS=torch)"
+            "triton is not installed; install edgelmm[triton] or use the torch reference "
+            "(EDGELMM_KERNELS=torch)"
         )
     if device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"triton kernels need CUDA tensors (got {device}); CPU tensors need TRITON_INTERPRET=1")
+        raise ValueError(f"triton kernels need CUDA tensors (got {device}); "
+                         "CPU tensors need TRITON_INTERPRET=1")
 
 
 def check(cond: bool, message: str) -> None:
@@ -46,14 +48,12 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
     check(t.dim() == len(shape), f"{name} must have {len(shape)} dims {shape}, got shape {tuple(t.shape)}")
     for i, (got, want) in enumerate(zip(t.shape, shape)):
         check(want is None or got == want, f"{name} dim {i} must be {want}, got shape {tuple(t.shape)}")
-    check(t.dtype in dtypes, f"{name} dtype must be one of {[DTYPE_NAMES.get(d, d) for d in dtypes]}, got {t.dtype}")
+    names = [DTYPE_NAMES.get(d, d) for d in dtypes]
+    check(t.dtype in dtypes, f"{name} dtype must be one of {names}, got {t.dtype}")
     check(t.device == device, f"{name} is on {t.device}, expected {device}")
-    check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{name} must have stride 1 on its last dim, got {t.stride()}")
+    check(t.shape[-1] <= 1 or t.stride(-1) == 1,
+          f"{name} must have stride 1 on its last dim, got strides {t.stride()}")
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

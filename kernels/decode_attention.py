@@ -87,9 +87,11 @@ def _decode_attention_stage1_kernel(
 
     # An empty split (kv_len shorter than the split grid) stores lse = -inf and zeros.
     nonempty = l_i > 0.0
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse2 = m_i + tl.log2(tl.where(nonempty, l_i, 1.0))  # base-2 log-sum-exp
+    lse = tl.where(nonempty, lse2 * 0.6931471805599453, float("-inf"))  # natural log
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    po_ptrs = part_o_ptr + batch * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
+    po_ptrs = (part_o_ptr + batch * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+               + offs_d[None, :])
     tl.store(po_ptrs, out, mask=h_mask[:, None] & d_mask[None, :])
     tl.store(part_lse_ptr + batch * stride_plb + heads * stride_plh + split, lse, mask=h_mask)
 
@@ -112,7 +114,7 @@ def _decode_attention_stage2_kernel(
     m = tl.full([], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for split in range(0, num_splits):
+    for split in range(num_splits):
         lse = tl.load(pl_base + split)
         m_new = tl.maximum(m, lse)
         if m_new > float("-inf"):  # skip empty splits (both -inf would give nan)
@@ -144,7 +146,8 @@ def _check_args(q, k_cache, v_cache, kv_lens, out, k_scale, v_scale):
           "k_scale and v_scale are required for an int8 KV cache and must be None otherwise")
     if kv_int8:
         for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            check_tensor(name, scale, (batch, num_kv_heads, max_seq), (torch.float16, torch.float32), q.device)
+            check_tensor(name, scale, (batch, num_kv_heads, max_seq), (torch.float16, torch.float32),
+                         q.device)
     return kv_int8
 
 
@@ -161,6 +164,7 @@ def decode_attention_triton(
     int8 cache: k_cache/v_cache int8 plus k_scale, v_scale: [B, Hkv, S_max] fp16/fp32 (per token and head).
     part_out: fp32 [B, Hq, num_splits, D] and part_lse: fp32 [B, Hq, num_splits] are the caller-owned stage-1
     workspace; num_splits is read from their shape (pick it so B * Hkv * num_splits fills the GPU).
+    Accumulation is fp32; on a GPU fp32 inputs use TF32 tensor cores.
     """
     require_triton(q.device)
     kv_int8 = _check_args(q, k_cache, v_cache, kv_lens, out, k_scale, v_scale)
@@ -209,7 +213,7 @@ def decode_attention_ref(
 ) -> torch.Tensor:
     """Plain-PyTorch reference of :func:`decode_attention_triton` (fp32 math, same arguments).
 
-    It has no split stage, so ``part_out``/``part_lse`` are accepted for a uniform signature and left untouched.
+    It has no split stage: ``part_out``/``part_lse`` are accepted for a uniform signature and left untouched.
     """
     kv_int8 = _check_args(q, k_cache, v_cache, kv_lens, out, k_scale, v_scale)
     group = q.shape[1] // k_cache.shape[1]

@@ -55,9 +55,11 @@ def _choose_backend(device: torch.device) -> str:
     has_triton = importlib.util.find_spec("triton") is not None
     if override == "triton":
         if not has_triton:
-            raise ConfigError("EDGELMM_KERNELS=triton but triton is not installed; pip install edgelmm[triton]")
+            raise ConfigError("EDGELMM_KERNELS=triton but triton is not installed; "
+                              "pip install edgelmm[triton]")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"EDGELMM_KERNELS=triton on {device} needs CUDA, or TRITON_INTERPRET=1 (tests only)")
+            raise ConfigError(f"EDGELMM_KERNELS=triton on {device} needs CUDA, "
+                              "or TRITON_INTERPRET=1 (tests only)")
         return "triton"
     return "triton" if device.type == "cuda" and has_triton else "torch"
 

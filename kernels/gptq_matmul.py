@@ -14,8 +14,9 @@ import torch
 from ._common import check, check_tensor, require_triton, tl, triton
 
 # (IS_GEMV, BITS, HAS_G_IDX, dtype of x) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); launched
-# with HAS_BIAS in {False, True}. BLOCK_K = 32 divides every group size (32/64/128/K), so a K block never
-# straddles two groups on the HAS_G_IDX=False path. tests/kernels/test_compile.py compiles each entry.
+# with HAS_BIAS in {False, True}; tests/kernels/test_compile.py compiles each entry. BLOCK_K = 32 divides the
+# group sizes 32/64/128 (-1 = K needs K % 32 == 0), so on the HAS_G_IDX=False path a K block never straddles
+# two groups (G = ceil(K / group) allows a partial last group).
 LAUNCH_CONFIGS = {
     (is_gemv, bits, has_g_idx, dtype): (1, 64, 32, 4, 3) if is_gemv else (32, 64, 32, 4, 3)
     for is_gemv in (True, False)
@@ -23,7 +24,6 @@ LAUNCH_CONFIGS = {
     for has_g_idx in (False, True)
     for dtype in (torch.float16, torch.float32)
 }
-BLOCK_K = 32
 
 
 @triton.jit(do_not_specialize=["M", "zero_offset"])
@@ -62,7 +62,8 @@ def _gptq_matmul_kernel(
             zero = ((qz >> zero_shift[None, :]) + zero_offset) & MASK
         else:
             group = k0 // group_size
-            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)[None, :]  # [1, BLOCK_N]
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)  # [BLOCK_N]
+            scale = scale[None, :]  # [1, BLOCK_N]
             qz = tl.load(qzeros_ptr + group * stride_qzg + offs_n // PACK, mask=n_mask, other=0)  # [BLOCK_N]
             zero = (((qz >> zero_shift) + zero_offset) & MASK)[None, :]  # [1, BLOCK_N]
         w = (q - zero).to(tl.float32) * scale.to(tl.float32)  # [BLOCK_K, BLOCK_N]
@@ -84,7 +85,8 @@ def _check_args(x, qweight, qzeros, scales, g_idx, bias, out, bits, group_size):
     check(qweight.dim() == 2 and scales.dim() == 2, "qweight must be [K*bits/32, N] and scales [G, N]")
     m, k = x.shape
     n, num_groups = qweight.shape[1], scales.shape[0]
-    check(k % pack == 0 and n % pack == 0, f"K ({k}) and N ({n}) must be multiples of {pack} for {bits}-bit packing")
+    check(k % pack == 0 and n % pack == 0,
+          f"K ({k}) and N ({n}) must be multiples of {pack} for {bits}-bit packing")
     check_tensor("x", x, (m, k), (torch.float16, torch.float32), x.device)
     check_tensor("qweight", qweight, (k // pack, n), (torch.int32,), x.device)
     check_tensor("qzeros", qzeros, (num_groups, n // pack), (torch.int32,), x.device)
@@ -97,13 +99,15 @@ def _check_args(x, qweight, qzeros, scales, g_idx, bias, out, bits, group_size):
         check(g_idx.is_contiguous(), "g_idx must be contiguous")
     else:
         group = k if group_size == -1 else group_size
-        check(group > 0 and k % group == 0 and num_groups == k // group,
-              f"group_size {group_size} does not match K={k} and {num_groups} scale rows")
+        check(group > 0 and num_groups == -(-k // group),
+              f"group_size {group_size} does not match K={k} and {num_groups} scale rows "
+              "(need G = ceil(K / group))")
 
 
 def gptq_matmul_triton(
-    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-    bias: torch.Tensor | None, out: torch.Tensor, *, bits: int, group_size: int, zero_v1: bool,
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+    g_idx: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, *,
+    bits: int, group_size: int, zero_v1: bool,
 ) -> torch.Tensor:
     """``out = x @ dequantize(qweight, qzeros, scales, g_idx) + bias``; returns ``out``.
 
@@ -112,16 +116,18 @@ def gptq_matmul_triton(
     :func:`is_trivial_g_idx`); bias [N] or None; out: [M, N] in x's dtype. bits: 4 or 8;
     group_size: 32/64/128 or -1 (one group over K; used only when g_idx is None); zero_v1: True for
     ``checkpoint_format == "gptq"`` (stored zero - 1), False for ``"gptq_v2"``. M = 1 takes the GEMV path.
+    Accumulation is fp32; the GEMM path feeds the dot x's dtype (fp16, or TF32 for fp32 on a GPU).
     """
     require_triton(x.device)
     _check_args(x, qweight, qzeros, scales, g_idx, bias, out, bits, group_size)
     m, k = x.shape
     n = qweight.shape[1]
     group = k if group_size == -1 else group_size
-    check(g_idx is not None or group % BLOCK_K == 0,
-          f"group_size {group_size} is not a multiple of {BLOCK_K}; pass g_idx = arange(K) // group_size")
     is_gemv = m == 1
-    block_m, block_n, block_k, num_warps, num_stages = LAUNCH_CONFIGS[(is_gemv, bits, g_idx is not None, x.dtype)]
+    config = LAUNCH_CONFIGS[(is_gemv, bits, g_idx is not None, x.dtype)]
+    block_m, block_n, block_k, num_warps, num_stages = config
+    check(g_idx is not None or group % block_k == 0,
+          f"group size {group} is not a multiple of {block_k}; pass g_idx = arange(K) // group_size")
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _gptq_matmul_kernel[grid](
         x, qweight, qzeros, scales, qweight if g_idx is None else g_idx, out if bias is None else bias, out,
@@ -154,8 +160,9 @@ def dequantize_ref(
 
 
 def gptq_matmul_ref(
-    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-    bias: torch.Tensor | None, out: torch.Tensor, *, bits: int, group_size: int, zero_v1: bool,
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+    g_idx: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor, *,
+    bits: int, group_size: int, zero_v1: bool,
 ) -> torch.Tensor:
     """Plain-PyTorch reference of :func:`gptq_matmul_triton`: dequantize_ref, then an fp32 matmul."""
     _check_args(x, qweight, qzeros, scales, g_idx, bias, out, bits, group_size)

@@ -31,7 +31,8 @@ def _norm_kernel(
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_N]
     if HAS_RESIDUAL:
         h += tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(residual_out_ptr + row * stride_ro + cols, h.to(residual_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(residual_out_ptr + row * stride_ro + cols, h.to(residual_out_ptr.dtype.element_ty),
+                 mask=mask)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
     if IS_RMS:
         y = h * tl.rsqrt(tl.sum(h * h, 0) / N + eps) * w
@@ -43,8 +44,9 @@ def _norm_kernel(
 
 
 def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
-    check(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == n,
-          f"{name} must be [..., {n}], got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    is_tensor = isinstance(t, torch.Tensor)
+    check(is_tensor and t.dim() >= 1 and t.shape[-1] == n,
+          f"{name} must be [..., {n}], got {tuple(t.shape) if is_tensor else type(t).__name__}")
     try:
         return t.view(-1, n)  # [rows, N]
     except RuntimeError:
@@ -90,8 +92,8 @@ def _launch(x, weight, bias, out, eps, residual, residual_out, is_rms, weight_of
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
-    residual_out: torch.Tensor | None = None, gemma: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, *,
+    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, gemma: bool = False,
 ) -> torch.Tensor:
     """``out = rmsnorm(x + residual) * w`` (``* (1 + w)`` if ``gemma``); returns ``out``.
 
@@ -128,8 +130,8 @@ def _ref(x, weight, bias, out, eps, residual, residual_out, is_rms, weight_offse
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
-    residual_out: torch.Tensor | None = None, gemma: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, *,
+    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, gemma: bool = False,
 ) -> torch.Tensor:
     """Plain-PyTorch reference of :func:`rms_norm_triton` (fp32 math)."""
     return _ref(x, weight, None, out, eps, residual, residual_out, True, 1.0 if gemma else 0.0)

@@ -14,11 +14,11 @@ from ._common import check, check_tensor, next_power_of_2, require_triton, tl, t
 # (for CAUSAL in {False, True}); tests/kernels/test_compile.py compiles every one for every target.
 LAUNCH_CONFIGS = {
     (torch.float16, 64): (64, 64, 4, 3),
-    (torch.float16, 128): (64, 64, 4, 3),
+    (torch.float16, 128): (64, 64, 8, 2),
     (torch.float16, 256): (64, 32, 8, 2),
     (torch.float32, 64): (64, 32, 4, 2),
     (torch.float32, 128): (64, 32, 4, 2),
-    (torch.float32, 256): (32, 32, 4, 2),
+    (torch.float32, 256): (32, 32, 4, 1),
 }
 
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding, rotate-half (NeoX) style as in HF Llama/Phi/Gemma, on the first ``rotary_dim`` dims.
+"""Rotary position embedding, rotate-half (NeoX) style as in HF Llama/Phi/Gemma, on the first rotary_dim dims.
 
 For d < rotary_dim, with half = rotary_dim // 2:
     out[d] = x[d] * cos[d] - x[d + half] * sin[d]     (d < half)
@@ -41,9 +41,10 @@ def _rotary_kernel(
     sign = tl.where(offs_d < half, -1.0, 1.0)
     s_mask = (offs_s < seq_len)[:, None]
     x_rows = x_ptr + batch * stride_xb + head * stride_xh + offs_s[:, None] * stride_xs
-    x = tl.load(x_rows + offs_d[None, :], mask=s_mask & (offs_d < head_dim)[None, :], other=0.0).to(tl.float32)
+    x = tl.load(x_rows + offs_d[None, :], mask=s_mask & (offs_d < head_dim)[None, :],
+                other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
     rot_mask = s_mask & rotated[None, :]
-    x_partner = tl.load(x_rows + partner[None, :], mask=rot_mask, other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+    x_partner = tl.load(x_rows + partner[None, :], mask=rot_mask, other=0.0).to(tl.float32)  # [BS, BD]
     cos = tl.load(cos_ptr + batch * stride_cb + offs_s[:, None] * stride_cs + offs_d[None, :], mask=rot_mask,
                   other=1.0).to(tl.float32)
     sin = tl.load(sin_ptr + batch * stride_sb + offs_s[:, None] * stride_ss + offs_d[None, :], mask=rot_mask,

@@ -31,6 +31,10 @@ def strip(state: dict, prefix: str) -> dict:
 def load_strict(module: torch.nn.Module, state: dict, allow_unexpected: tuple[str, ...] = ()) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if "rotary" not in k and "position_ids" not in k]
+    if getattr(getattr(module, "config", None), "tie_word_embeddings", False):
+        module.tie_weights()
+        assert module.lm_head.weight.data_ptr() == module.get_input_embeddings().weight.data_ptr()
+        missing = [k for k in missing if k != "lm_head.weight"]
     unexpected = [k for k in unexpected if not k.startswith(allow_unexpected)]
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
 
@@ -68,7 +72,8 @@ class LlavaCodebaseReference:
     def __init__(self, folder: Path, family: str):
         from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, GemmaConfig,
                                   GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
-                                  SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
+                                  Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig,
+                                  SiglipVisionModel)
         cfg = json.loads((folder / "config.json").read_text())
         state = read_state(folder)
         self.family = family
@@ -105,7 +110,7 @@ class LlavaCodebaseReference:
         load_strict(self.proj, proj)
         arch = tcfg.get("model_type") if family == "tinyllava" else "phi"
         config_cls, lm_cls = {"phi": (PhiConfig, PhiForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-                              "gemma": (GemmaConfig, GemmaForCausalLM)}[arch]
+                              "gemma": (GemmaConfig, GemmaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
         fields = {k: v for k, v in tcfg.items() if not k.startswith(("mm_", "vision", "model_type", "architectures"))}
         self.lm = lm_cls(config_cls(**fields))
         if family == "tinyllava-legacy":  # bias-free lm_head: treat Phi's bias as zero

@@ -73,7 +73,7 @@ CASES = [(b, gs, sym, fmt) for b in (4, 8) for gs in GROUP_SIZES
 
 @pytest.mark.parametrize("bits,group_size,sym,fmt", CASES)
 def test_round_trip_and_layout_are_bit_exact(bits, group_size, sym, fmt):
-    intweight, zeros, scales, g_idx = make_case(bits, group_size, sym, fmt, permuted=False)
+    intweight, zeros, _, _ = make_case(bits, group_size, sym, fmt, permuted=False)
     qweight = pack_qweight(intweight, bits)
     qzeros = pack_qzeros(zeros, bits, fmt)
     assert qweight.dtype == torch.int32 and qweight.shape == (K * bits // 32, N)

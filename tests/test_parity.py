@@ -2,11 +2,15 @@
 prompt logits within 1e-4 of the logit scale (fp32), and 16 identical greedy tokens."""
 import pytest
 import torch
-from conftest import LAYOUTS
 from reference import reference_for, sample_image
 
 from edgelmm import EdgeLMM
 
+from edgelmm.tiny import FAMILIES
+
+# (family, HF key layout, Factory LLM) covering every on-disk layout make-tiny writes
+CASES = ([(f, "old", "phi") for f in FAMILIES] + [("llava-gemma", "new", "phi"), ("tiny-llava-hf", "new", "phi")]
+         + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")])
 STEPS = 16
 QUESTION = "What is in the picture?"
 
@@ -22,9 +26,9 @@ def edgelmm_prompt_logits(model: EdgeLMM, image, question: str) -> torch.Tensor:
         return model.model.text(embeds, model.cache, start=0, last_only=False)[0]
 
 
-@pytest.mark.parametrize("family,layout", LAYOUTS)
-def test_logits_and_greedy_tokens_match_reference(tiny_checkpoint, family, layout):
-    folder = tiny_checkpoint(family, layout)
+@pytest.mark.parametrize("family,layout,llm", CASES)
+def test_logits_and_greedy_tokens_match_reference(tiny_checkpoint, family, layout, llm):
+    folder = tiny_checkpoint(family, layout, llm)
     ref = reference_for(folder, family)
     model = EdgeLMM.load(folder)
     image = sample_image()

@@ -21,6 +21,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        if cfg.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
         if cfg.arch == "phi":
             self.dense = out
         else:
@@ -33,6 +36,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if cfg.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
         out = attend(q, keys, values, start)  # (B, H, T, D)
@@ -87,13 +92,18 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = _norm(cfg)
+        if cfg.post_attention_rmsnorm:  # TinyGPT-V's post_layernorm (LlamaRMSNorm, eps 1e-6)
+            self.post_layernorm = RMSNorm(cfg.hidden_size, 1e-6)
         if not self.parallel:
             self.post_attention_layernorm = _norm(cfg)
 
     def forward(self, x, cos, sin, cache, layer, start):
         h = self.input_layernorm(x)
         if self.parallel:  # Phi: attention and MLP both read the same normed input
-            return x + self.self_attn(h, cos, sin, cache, layer, start) + self.mlp(h)
+            attn = self.self_attn(h, cos, sin, cache, layer, start)
+            if hasattr(self, "post_layernorm"):
+                attn = self.post_layernorm(attn)
+            return x + attn + self.mlp(h)
         x = x + self.self_attn(h, cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 

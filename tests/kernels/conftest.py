@@ -16,8 +16,8 @@ if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
         raise RuntimeError("triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
                            "run the kernel tests on their own: pytest tests/kernels")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,8 @@
 import torch
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, min_cos: float = 1 - 1e-5):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+                 min_cos: float = 1 - 1e-5):
     """allclose in fp64 plus a cosine-similarity floor (catches uniformly small but wrong outputs)."""
     a, e = actual.double().flatten(), expected.double().flatten()
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol)

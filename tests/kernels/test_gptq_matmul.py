@@ -7,13 +7,11 @@ activations in the tensor-core dot, fp16 output). dequantize_ref must equal the 
 
 import pytest
 import torch
-
 from edgelmm.kernels.gptq_matmul import dequantize_ref, gptq_matmul_ref, is_trivial_g_idx
-
 from kernel_testutil import assert_close
 
 triton = pytest.importorskip("triton")
-from edgelmm.kernels.gptq_matmul import gptq_matmul_triton  # noqa: E402
+from edgelmm.kernels.gptq_matmul import gptq_matmul_triton
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
 K, N = 256, 96  # N is not a multiple of the kernel's BLOCK_N: exercises the column masks
@@ -50,7 +48,9 @@ def _make_checkpoint(bits, group_size, sym, zero_v1, act_order):
     return _pack(q, bits, 0), _pack(stored_zero, bits, 1), scales, g_idx.to(torch.int32), w_t
 
 
-ZERO_MODES = {"sym-v1": (True, True), "sym-v2": (True, False), "asym-v1": (False, True), "asym-v2": (False, False)}
+# name -> (sym, zero_v1)
+ZERO_MODES = {"sym-v1": (True, True), "sym-v2": (True, False), "asym-v1": (False, True),
+              "asym-v2": (False, False)}
 
 
 @pytest.mark.parametrize("zero_mode", list(ZERO_MODES))
@@ -60,7 +60,7 @@ def test_gptq_gemv_and_gemm(bits, group_size, zero_mode):
     """Trivial g_idx (passed as None): GEMV (M=1, fp16) and GEMM (M=17, fp32, with bias) paths."""
     sym, zero_v1 = ZERO_MODES[zero_mode]
     qweight, qzeros, scales, g_idx, w_t = _make_checkpoint(bits, group_size, sym, zero_v1, act_order=False)
-    kw = dict(bits=bits, group_size=group_size, zero_v1=zero_v1)
+    kw = {"bits": bits, "group_size": group_size, "zero_v1": zero_v1}
     assert is_trivial_g_idx(g_idx, group_size)
     assert torch.equal(dequantize_ref(qweight, qzeros, scales, None, **kw).double(), w_t)
     for m, dtype, bias in ((1, torch.float16, None), (17, torch.float32, torch.randn(N))):
@@ -78,7 +78,7 @@ def test_gptq_gemv_and_gemm(bits, group_size, zero_mode):
 def test_gptq_act_order_g_idx(bits, m, dtype):
     """Non-monotonic g_idx (desc_act) is honoured on both paths; asym v2, group 32, fp16 bias."""
     qweight, qzeros, scales, g_idx, w_t = _make_checkpoint(bits, 32, sym=False, zero_v1=False, act_order=True)
-    kw = dict(bits=bits, group_size=32, zero_v1=False)
+    kw = {"bits": bits, "group_size": 32, "zero_v1": False}
     assert not is_trivial_g_idx(g_idx, 32)
     assert torch.equal(dequantize_ref(qweight, qzeros, scales, g_idx, **kw).double(), w_t)
     x = torch.randn(m, K, dtype=dtype)
@@ -100,7 +100,7 @@ def test_gptq_v1_sym_checkpoint_has_the_documented_qzeros():
 def test_gptq_rejects_bad_arguments():
     qweight, qzeros, scales, g_idx, _ = _make_checkpoint(4, 128, True, True, False)
     x, out = torch.randn(2, K, dtype=torch.float16), torch.empty(2, N, dtype=torch.float16)
-    kw = dict(bits=4, group_size=128, zero_v1=True)
+    kw = {"bits": 4, "group_size": 128, "zero_v1": True}
     with pytest.raises(ValueError, match="qweight dim 0"):
         gptq_matmul_triton(x, qweight[:-1], qzeros, scales, None, None, out, **kw)
     with pytest.raises(ValueError, match="group_size 64 does not match"):
@@ -109,3 +109,26 @@ def test_gptq_rejects_bad_arguments():
         gptq_matmul_triton(x, qweight, qzeros, scales, None, None, out, bits=3, group_size=128, zero_v1=True)
     with pytest.raises(ValueError, match="out dtype"):
         gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, None, out.float(), **kw)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_gptq_reads_what_the_project_writer_packs(checkpoint_format, m):
+    """Tensors packed by edgelmm.gptq_format (the exporter's writer), vs its dequantize. K = 4304 (SigLIP's
+    MLP width) is not a multiple of 128: G = ceil(K / 128) = 34 and the last group is partial."""
+    gptq_format = pytest.importorskip("edgelmm.gptq_format")
+    k, n, bits, group = 4304, 64, 4, 128
+    num_groups = -(-k // group)
+    intweight = torch.randint(0, 16, (k, n))
+    zeros = torch.randint(1, 16, (num_groups, n))
+    scales = (torch.rand(num_groups, n) * 0.02 + 0.001).half()
+    qweight = gptq_format.pack_qweight(intweight, bits)
+    qzeros = gptq_format.pack_qzeros(zeros, bits, checkpoint_format)
+    g_idx = gptq_format.default_g_idx(k, group)
+    weight = gptq_format.dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format)  # [N, K]
+    x = torch.randn(m, k)
+    expected = x.double() @ weight.double().t()  # [M, N]
+    kw = {"bits": bits, "group_size": group, "zero_v1": checkpoint_format == "gptq"}
+    for g in (None, g_idx):
+        out = gptq_matmul_triton(x, qweight, qzeros, scales, g, None, torch.empty(m, n), **kw)
+        assert_close(out, expected, atol=1e-4, rtol=1e-4)

@@ -8,13 +8,11 @@ residual_out must equal x + residual rounded once to the input dtype.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from edgelmm.kernels.norms import layer_norm_ref, rms_norm_ref
-
 from kernel_testutil import assert_close
 
 triton = pytest.importorskip("triton")
-from edgelmm.kernels.norms import layer_norm_triton, rms_norm_triton  # noqa: E402
+from edgelmm.kernels.norms import layer_norm_triton, rms_norm_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 EPS = 1e-6

@@ -7,18 +7,17 @@ Tolerances (inputs ~N(0, 1), outputs |o| < ~3): fp32 atol=rtol=2e-5 vs reference
 import pytest
 import torch
 import torch.nn.functional as F
-
 from edgelmm.kernels.prefill_attention import prefill_attention_ref
-
 from kernel_testutil import assert_close
 
 triton = pytest.importorskip("triton")
-from edgelmm.kernels.prefill_attention import prefill_attention_triton  # noqa: E402
+from edgelmm.kernels.prefill_attention import prefill_attention_triton
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 FP16, FP32 = torch.float16, torch.float32
-# (batch, q heads, kv heads, seq, head_dim, causal, dtype): text prefill (Phi-2 80, Gemma 256 MQA, GQA 64/96/128)
+# (batch, q heads, kv heads, seq, head_dim, causal, dtype): text prefill (Phi-2 80, Gemma 256 MQA, GQA
+# 64/96/128)
 # and vision towers (CLIP 64 @ 577, SigLIP 72 @ 729, EVA 88 @ 1025); long lengths on tiny B/H. The
 # interpreter's fp16 dot is ~5x slower than fp32, so the 729/1025 vision cases run in fp32 only.
 CASES = [
@@ -38,7 +37,13 @@ def _sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=True)
 
 
-@pytest.mark.parametrize("batch,hq,hkv,seq,head_dim,causal,dtype", CASES)
+def _case_id(case):
+    batch, hq, hkv, seq, head_dim, causal, dtype = case
+    kind = "causal" if causal else "full"
+    return f"B{batch}-Hq{hq}-Hkv{hkv}-S{seq}-D{head_dim}-{kind}-{'fp16' if dtype == FP16 else 'fp32'}"
+
+
+@pytest.mark.parametrize("batch,hq,hkv,seq,head_dim,causal,dtype", CASES, ids=[_case_id(c) for c in CASES])
 def test_prefill_matches_reference_and_sdpa(batch, hq, hkv, seq, head_dim, causal, dtype):
     q = torch.randn(batch, hq, seq, head_dim, dtype=dtype)  # [B, Hq, S, D]
     k = torch.randn(batch, hkv, seq, head_dim, dtype=dtype)  # [B, Hkv, S, D]
@@ -72,14 +77,15 @@ def test_prefill_chunk_after_cached_prefix_on_strided_cache(dtype):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(head_dim=300), "head_dim"),
-    (dict(hkv=3), "multiple of KV heads"),
-    (dict(k_dtype=torch.float32), "k dtype"),
-    (dict(seq_kv=8), "seq_q <= seq_kv"),
+    ({"head_dim": 300}, "head_dim"),
+    ({"hkv": 3}, "multiple of KV heads"),
+    ({"k_dtype": torch.float32}, "k dtype"),
+    ({"seq_kv": 8}, "seq_q <= seq_kv"),
 ])
 def test_prefill_rejects_bad_arguments(bad, match):
     head_dim = bad.get("head_dim", 64)
     q = torch.randn(1, 4, 16, head_dim, dtype=torch.float16)
-    k = torch.randn(1, bad.get("hkv", 2), bad.get("seq_kv", 16), head_dim, dtype=bad.get("k_dtype", torch.float16))
+    k_shape = (1, bad.get("hkv", 2), bad.get("seq_kv", 16), head_dim)
+    k = torch.randn(k_shape, dtype=bad.get("k_dtype", torch.float16))
     with pytest.raises(ValueError, match=match):
         prefill_attention_triton(q, k, k, torch.empty_like(q), 0.1, True)

@@ -6,21 +6,19 @@ Tolerances: fp32 atol=rtol=1e-5; fp16 atol=rtol=2e-3 (one fp16 rounding of |valu
 
 import pytest
 import torch
-
 from edgelmm.kernels.rotary import rotary_ref
-
 from kernel_testutil import assert_close
 
 triton = pytest.importorskip("triton")
-from edgelmm.kernels.rotary import rotary_triton  # noqa: E402
+from edgelmm.kernels.rotary import rotary_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 def _tables(batch, seq, rotary_dim, base=10000.0, offset=0):
-    """HF-style cos/sin [B, S, rotary_dim] (both halves equal) at positions offset .. offset+S-1 (per batch)."""
+    """HF-style cos/sin [B, S, rotary_dim] (halves equal); sequence b sits at positions offset+3b+(0..S-1)."""
     inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # [r/2]
-    pos = torch.arange(seq, dtype=torch.float64)[None, :] + offset + 3 * torch.arange(batch)[:, None]  # [B, S]
+    pos = torch.arange(seq, dtype=torch.float64)[None, :] + offset + 3 * torch.arange(batch)[:, None]  # [B,S]
     emb = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1)  # [B, S, r]
     return emb.cos(), emb.sin()
 

@@ -1,0 +1,171 @@
+"""``edgelmm make-tiny tinygpt-v OUT``: a tiny random-weight TinyGPT-V in the released layouts (model-formats.md
+§3.1), plus the description file that names the pieces:
+
+- ``TinyGPT-V_for_Stage{N}.pth``: a training-runner save (``model``, ``optimizer``, ``config``, ``scaler``,
+  ``epoch``); ``model`` holds llama_proj(2), the trainable norm weights and, with LoRA, A/B for
+  ``query_key_value``/``dense`` under the PEFT prefix ``llama_model.base_model.model.``;
+- ``phi-2/``: transformers-4.36 Phi-2 (fused ``query_key_value`` interleaved per head, no QK/post norms,
+  stale ``input_layernorm`` weights the stage checkpoint overrides), sharded safetensors, Phi-2 tokenizer;
+- ``eva_vit_g.pth``: EVA state dict with one block more than used and positions for 224x224 inputs;
+- ``blip2_pretrained_flant5xxl.pth`` (Q-Former, ``query_tokens``, ``ln_vision`` and unused tensors) and
+  ``bert-base-uncased/config.json``; ``tinygpt-v.json``."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import TextConfig
+from .errors import ConfigError
+from .models.eva import EvaConfig
+from .models.qformer import QFormerConfig
+from .models.tinygptv import TinyGPTV, VisualConfig
+from .tiny import PHI, QK_SHARPEN, save_sharded
+from .tiny_tokenizers import write_tiny_tokenizer
+
+EVA = {"width": 32, "depth": 2, "heads": 2, "patch_size": 14}
+BERT = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+        "vocab_size": 100, "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0,
+        "position_embedding_type": "absolute"}
+PROJ_DIM, LORA_R, LORA_ALPHA, QUERIES = 48, 8, 16, 32
+PEFT = "llama_model.base_model.model."
+
+
+def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: bool = True) -> Path:
+    """Write the tiny replica to the new folder ``out`` (whole, then renamed); returns its description file.
+    ``stage`` 4 means a 448x448 stage-4 checkpoint; ``lora=False`` a LoRA-free (stage-1 style) checkpoint."""
+    if stage not in (1, 2, 3, 4):
+        raise ConfigError(f"stage must be 1-4, got {stage!r}")
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        _write(tmp, seed, stage, lora)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "tinygpt-v.json"
+
+
+def _randomize(model: TinyGPTV, gen: torch.Generator) -> None:
+    """Norm gains near 1, small biases, fan-in-scaled weights (q/k sharpened), so the output follows the input."""
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if ("norm" in name.lower() or name.startswith("ln_vision")) and name.endswith("weight"):
+            p.data = 1.0 + 0.1 * noise
+        elif name.endswith(("q_layernorm.bias", "k_layernorm.bias")):
+            p.data = torch.zeros(p.shape)  # no released file carries these: they keep their fresh value
+        elif p.ndim == 1 or name.endswith(("_bias", "query_tokens", "cls_token", "pos_embed")):
+            p.data = (1.0 if name.endswith("query_tokens") else 0.1) * noise
+        elif name == "text.embed_tokens.weight":
+            p.data = noise
+        else:
+            sharpen = QK_SHARPEN if name.endswith(("q_proj.weight", "k_proj.weight", "self.query.weight",
+                                                   "self.key.weight")) else 1.0
+            p.data = sharpen * noise / p[0].numel() ** 0.5
+
+
+def _renamed(state: dict, prefix: str, new: str) -> dict[str, torch.Tensor]:
+    return {new + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _phi_files(state: dict, text: TextConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Phi-2 in the 4.36 layout: q/k/v fused as the 4.36 converter does (Microsoft's [3, heads, head_dim]
+    row order, first two axes swapped); no QK or post norms; stale input_layernorm gains."""
+    files = _renamed(state, "text.lm_head.", "lm_head.")
+    for name, t in _renamed(state, "text.", "model.").items():
+        if name.startswith("model.lm_head.") or any(s in name for s in ("q_layernorm", "k_layernorm", "post_layernorm")):
+            continue
+        if ".k_proj." in name or ".v_proj." in name:
+            continue
+        if ".q_proj." in name:
+            parts = [state["text." + name[len("model."):].replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            wqkv = torch.cat(parts)  # (3*D[, D]): Microsoft's Wqkv, rows [3, heads, head_dim]
+            rest = wqkv.shape[1:]
+            fused = wqkv.view(3, text.num_heads, text.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
+            files[name.replace("q_proj", "query_key_value")] = fused  # rows [heads, 3, head_dim]
+            continue
+        if name.endswith("input_layernorm.weight"):  # the stage checkpoint holds the trained gains
+            t = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+        files[name] = t
+    return files
+
+
+def _stage_model(state: dict, text: TextConfig, lora: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The trainable tensors a stage checkpoint saves: projections, norm gains and (with LoRA) A/B."""
+    model = _renamed(state, "llama_proj.", "llama_proj.") | _renamed(state, "llama_proj2.", "llama_proj2.")
+    prefix = PEFT + "model." if lora else "llama_model.model."
+    for name, t in _renamed(state, "text.", prefix).items():
+        if name.endswith(("q_layernorm.weight", "k_layernorm.weight", "post_layernorm.weight",
+                          "input_layernorm.weight")) or (not lora and name.endswith("final_layernorm.weight")):
+            model[name] = t
+    if lora:
+        d = text.hidden_size
+        for i in range(text.num_layers):
+            for target, out_dim in (("query_key_value", 3 * d), ("dense", d)):
+                key = f"{PEFT}model.layers.{i}.self_attn.{target}"
+                model[key + ".lora_A.weight"] = torch.randn(LORA_R, d, generator=gen) / d ** 0.5
+                model[key + ".lora_B.weight"] = 0.5 * torch.randn(out_dim, LORA_R, generator=gen) / LORA_R ** 0.5
+    return model
+
+
+def _write(folder: Path, seed: int, stage: int, lora: bool) -> None:
+    size = 448 if stage == 4 else 224
+    phi_dir, bert_dir = folder / "phi-2", folder / "bert-base-uncased"
+    ids = write_tiny_tokenizer("phi2", phi_dir)
+    vocab = -(-ids["vocab_size"] // 64) * 64
+    phi_cfg = {**PHI, "architectures": ["PhiForCausalLM"], "vocab_size": vocab, "bos_token_id": ids["bos"],
+               "eos_token_id": ids["eos"], "embd_pdrop": 0.0, "attention_dropout": 0.0, "rope_scaling": None,
+               "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float16", "transformers_version": "4.36.2"}
+    (phi_dir / "config.json").write_text(json.dumps(phi_cfg, indent=2))
+    bert_dir.mkdir()
+    (bert_dir / "config.json").write_text(json.dumps(BERT, indent=2))
+    text = TextConfig.from_hf(phi_cfg, "phi")
+    text.qk_layernorm = text.post_attention_rmsnorm = True
+    eva = EvaConfig(**EVA, image_size=size)
+    visual = VisualConfig(eva, QFormerConfig.from_bert(BERT, eva.width, QUERIES), PROJ_DIM)
+    gen = torch.Generator().manual_seed(seed)
+    model = TinyGPTV(visual, text)
+    _randomize(model, gen)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    save_sharded(_phi_files(state, text, gen), phi_dir, torch.float16)
+    eva_state = _renamed(state, "vision.", "")
+    eva_state["pos_embed"] = 0.1 * torch.randn(1, (224 // eva.patch_size) ** 2 + 1, eva.width, generator=gen)
+    torch.save(eva_state | _unused_block(eva_state, eva.depth, gen), folder / "eva_vit_g.pth")
+    blip2 = (_renamed(state, "qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm.")
+             | _renamed(state, "qformer.layer.", "Qformer.bert.encoder.layer.") | _renamed(state, "ln_vision.", "ln_vision."))
+    blip2["query_tokens"] = state["qformer.query_tokens"]
+    blip2.update({"Qformer.bert.embeddings.word_embeddings.weight": torch.randn(BERT["vocab_size"], BERT["hidden_size"], generator=gen),
+                  "Qformer.bert.embeddings.position_ids": torch.arange(BERT["max_position_embeddings"])[None],
+                  "t5_proj.weight": torch.randn(16, BERT["hidden_size"], generator=gen), "t5_proj.bias": torch.zeros(16)})
+    torch.save({"model": blip2}, folder / "blip2_pretrained_flant5xxl.pth")
+
+    arch = {"arch": "minigpt_v2", "model_type": "pretrain"} if stage == 4 else \
+        {"arch": "minigpt4", "model_type": "pretrain_vicuna0"}
+    config = {"model": {**arch, "image_size": size, "num_query_token": QUERIES, "lora_r": LORA_R if lora else 0,
+                        "lora_alpha": LORA_ALPHA, "llama_model": "/root/phi-2", "freeze_vit": True},
+              "run": {"task": "image_text_pretrain", "amp": True}}
+    ckpt = {"model": _stage_model(state, text, lora, gen), "optimizer": {"state": {}, "param_groups": []},
+            "config": config, "scaler": None, "epoch": 4}
+    name = f"TinyGPT-V_for_Stage{stage}.pth"
+    torch.save(ckpt, folder / name)
+    description = {"format": "tinygpt-v", "stage": stage, "checkpoint": name, "phi2": "phi-2",
+                   "eva_vit": "eva_vit_g.pth", "qformer": "blip2_pretrained_flant5xxl.pth",
+                   "qformer_config": "bert-base-uncased", "vision": EVA}
+    (folder / "tinygpt-v.json").write_text(json.dumps(description, indent=2))
+
+
+def _unused_block(eva_state: dict, index: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors for block ``index``, shaped like block 0: the file has one block more than LAVIS builds."""
+    return {k.replace("blocks.0.", f"blocks.{index}."): torch.randn(v.shape, generator=gen)
+            for k, v in eva_state.items() if k.startswith("blocks.0.")}
