@@ -35,3 +35,7 @@ class PromptTooLongError(EdgeLMMError, ValueError):
 
 class ConfigError(EdgeLMMError, ValueError):
     """An argument or configuration value is invalid."""
+
+
+class QuantizationError(EdgeLMMError):
+    """A layer cannot be quantized (e.g. its Hessian stays non-positive-definite at the largest damp)."""

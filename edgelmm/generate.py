@@ -1,42 +1,45 @@
-"""Prefill, one-token decode and the generation loop as free functions over a VLM and its static cache."""
+"""The backend-independent generation loop and stop-string handling (no torch: the ONNX backend uses it)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
-import torch
+import numpy as np
 
-from .kv_cache import KVCache
-from .models.vlm import VLM
 from .sampling import SamplingParams, sample
+from .spec import ModelSpec
 
 
-@torch.inference_mode()
-def prefill(model: VLM, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt embeds [1, T, D] from position 0; return the next-token logits [V]."""
-    return model.text(embeds, cache, start=0)[0, -1]
+class Backend(Protocol):
+    """What the generation loop needs from a runtime backend (torch, onnxruntime)."""
+
+    spec: ModelSpec
+    max_seq_len: int
+
+    def encode_image(self, pixels: np.ndarray) -> object:
+        """pixels [1, 3, S, S] float32 → the image features, kept in the backend's own tensor type."""
+
+    def prefill(self, ids: list[int], features: object) -> np.ndarray:
+        """Run the prompt (image positions marked) from position 0; return next-token logits [V]."""
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """Feed one token at ``position``; return next-token logits [V]."""
 
 
-@torch.inference_mode()
-def decode_one_token(model: VLM, token: int, position: int, cache: KVCache) -> torch.Tensor:
-    """Feed one token at ``position``; return the next-token logits [V]."""
-    ids = torch.tensor([[token]], device=cache.data.device)  # (1, 1)
-    return model.text(model.text.embed(ids), cache, start=position)[0, -1]
-
-
-def generate_ids(model: VLM, embeds: torch.Tensor, cache: KVCache, params: SamplingParams,
+def generate_ids(backend: Backend, ids: list[int], features: object, params: SamplingParams,
                  stop_ids: set[int]) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded), ``max_new_tokens`` or the cache is full."""
-    generator = params.generator()
-    position = embeds.shape[1]
-    logits = prefill(model, embeds, cache)
+    rng = params.rng()
+    position = len(ids)
+    logits = backend.prefill(ids, features)
     for _ in range(params.max_new_tokens):
-        token = sample(logits, params, generator)
+        token = sample(logits, params, rng)
         if token in stop_ids:
             return
         yield token
-        if position >= cache.max_seq_len:
+        if position >= backend.max_seq_len:
             return
-        logits = decode_one_token(model, token, position, cache)
+        logits = backend.decode(token, position)
         position += 1
 
 
@@ -55,13 +58,8 @@ class StopStringFilter:
         if cuts:
             self.stopped = True
             return self._emit(text[:min(cuts)])
-        safe = len(text)
-        for s in self.stop:
-            for n in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:n]):
-                    safe -= n
-                    break
-        return self._emit(text[:safe])
+        held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return self._emit(text[:len(text) - held])
 
     def finish(self, text: str) -> str:
         """Flush what is left when generation ended without a stop string."""

@@ -87,10 +87,11 @@ def map_key(key: str, rules: KeyRules) -> str | None:
 
 def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dtype: torch.dtype,
               device: torch.device) -> None:
-    """Assign every parameter of a meta-device ``model`` from the checkpoint(s), cast to ``dtype``.
+    """Assign every parameter and persistent buffer still on the meta device (e.g. a QuantLinear's packed
+    buffers) from the checkpoint(s); floating-point tensors are cast to ``dtype``, integer ones kept.
     Checkpoint tensors the model does not use (unused vision layers, pooling heads) are never read.
     Raises ShapeMismatchError on a wrong shape and CheckpointError on a missing tensor."""
-    params = dict(model.named_parameters())
+    params = {name: t for name, t in model.state_dict(keep_vars=True).items() if t.is_meta}
     loaded: set[str] = set()
     for files, rules in sources:
         for key in files.keys():
@@ -102,7 +103,8 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
                 raise ShapeMismatchError(
                     f"{key} in {files.file_of[key].name} has shape {files.shape(key)}, but config.json implies "
                     f"{want}; the config and the weights belong to different models")
-            _assign(model, name, files.get(key).to(device=device, dtype=dtype))
+            tensor = files.get(key)
+            _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
             loaded.add(name)
     text = getattr(model, "text", model)
     if "text.lm_head.weight" not in loaded and text.cfg.tie_word_embeddings:
@@ -117,4 +119,5 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    is_param = isinstance(getattr(module, attr), nn.Parameter)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False) if is_param else tensor)

@@ -1,9 +1,10 @@
-"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p, seeded."""
+"""Sampling parameters and next-token selection (numpy, so every backend shares it): greedy, temperature,
+top-k, top-p, seeded."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .errors import ConfigError
 
@@ -33,25 +34,25 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
 
-    def generator(self) -> torch.Generator | None:
-        if self.temperature == 0:
-            return None
-        gen = torch.Generator()
-        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return gen
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token id from logits [V] (fp32)."""
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick the next token id from logits [V]."""
     if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+        return int(np.argmax(logits))
+    logits = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
     if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = np.cumsum(sorted_probs) - sorted_probs < params.top_p  # always keeps the top token
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_probs[keep]
+        probs /= probs.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))

@@ -7,6 +7,8 @@ from pathlib import Path
 from .config import TextConfig, VisionConfig
 from .image import ImageSpec
 
+IMAGE_PLACEHOLDER = -200  # marks image positions in prompt ids (LLaVA's sentinel, expanded N times)
+
 # (checkpoint key prefix, edgelmm key prefix) pairs; the longest matching prefix wins.
 KeyRules = tuple[tuple[str, str], ...]
 

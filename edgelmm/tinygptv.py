@@ -16,7 +16,8 @@ three external bases. The description file names them; relative paths are read f
 - ``format``: must be ``"tinygpt-v"``.
 - ``stage``: 1-4. Stages 1-3 run at 224x224, stage 4 at 448x448.
 - ``checkpoint``: ``TinyGPT-V_for_Stage{1..4}.pth`` (its ``model`` dict: llama_proj(2), norm weights, LoRA A/B).
-- ``phi2``: the Phi-2 folder in the transformers-4.36 layout (fused ``query_key_value``), with its tokenizer.
+- ``phi2``: the Phi-2 folder in the transformers-4.36 layout (fused ``query_key_value``; a folder saved by
+  transformers >= 4.37, with q/k/v apart, works too), with its tokenizer.
 - ``eva_vit``: LAVIS ``eva_vit_g.pth``.
 - ``qformer``: the BLIP-2 checkpoint with ``Qformer.*``, ``query_tokens`` and ``ln_vision``.
 - ``qformer_config``: bert-base-uncased's ``config.json``, or the folder holding it.
@@ -41,8 +42,23 @@ from .loader import WeightFiles, load_into, read_json
 from .models.eva import EvaConfig
 from .models.qformer import QFormerConfig
 from .models.tinygptv import TinyGPTV, VisualConfig
-from .tinygptv_weights import (EVA_RULES, PHI_RULES, QFORMER_RULES, STAGE_RULES, TensorTable, add_files, add_tensors,
-                               fill_fresh, merge_lora, read_pth, resize_pos_embed, split_qkv, state_dict, take_lora)
+from .tinygptv_weights import (
+    EVA_RULES,
+    PHI_RULES,
+    QFORMER_RULES,
+    STAGE_RULES,
+    TensorTable,
+    add_files,
+    add_tensors,
+    fill_fresh,
+    fuse_qkv,
+    merge_lora,
+    read_pth,
+    resize_pos_embed,
+    split_qkv,
+    state_dict,
+    take_lora,
+)
 from .tokenizer import Tokenizer
 
 MARKER = "tinygpt-v"
@@ -78,7 +94,7 @@ class Description:
     context_length: int = 2048
 
     @classmethod
-    def read(cls, path: Path) -> "Description":
+    def read(cls, path: Path) -> Description:
         cfg = read_json(path)
         if not isinstance(cfg, dict) or cfg.get("format") != MARKER:
             raise UnsupportedModelError(f"{path} is not a model description edgelmm knows; a TinyGPT-V description "
@@ -142,6 +158,7 @@ def build_table(desc: Description, text: TextConfig) -> TensorTable:
                           f"448, stages 1-3: 224) but {desc.path.name} says stage {desc.stage}; fix \"stage\"")
     table = TensorTable()
     add_files(table, WeightFiles(desc.pieces["phi2"]), PHI_RULES)
+    fuse_qkv(table, text.num_heads)  # a Phi-2 saved by transformers >= 4.37
     for key, rules in (("eva_vit", EVA_RULES), ("qformer", QFORMER_RULES), ("checkpoint", STAGE_RULES)):
         obj = checkpoint if key == "checkpoint" else read_pth(desc.pieces[key], key)
         add_tensors(table, state_dict(obj, desc.pieces[key], key), rules, desc.pieces[key])
@@ -152,7 +169,7 @@ def build_table(desc: Description, text: TextConfig) -> TensorTable:
 
 
 def _require(table: TensorTable, name: str, desc: Description, piece: str) -> tuple[int, ...]:
-    if name not in table.keys():
+    if name not in table:
         raise CheckpointError(f"{desc.pieces[piece]} has no {name.removeprefix('qformer.')}; is it the right file?")
     return table.shape(name)
 
@@ -161,7 +178,7 @@ def _check(table: TensorTable, params: dict[str, nn.Parameter], desc: Descriptio
     """Every parameter present with its shape, else a typed error naming the piece at fault."""
     missing: dict[str, list[str]] = {}
     for name, p in params.items():
-        if name not in table.keys():
+        if name not in table:
             piece = next(piece for prefix, piece in _SOURCE_OF if name.startswith(prefix))
             missing.setdefault(piece, []).append(name)
         elif table.shape(name) != tuple(p.shape):

@@ -5,7 +5,8 @@
   ``epoch``); ``model`` holds llama_proj(2), the trainable norm weights and, with LoRA, A/B for
   ``query_key_value``/``dense`` under the PEFT prefix ``llama_model.base_model.model.``;
 - ``phi-2/``: transformers-4.36 Phi-2 (fused ``query_key_value`` interleaved per head, no QK/post norms,
-  stale ``input_layernorm`` weights the stage checkpoint overrides), sharded safetensors, Phi-2 tokenizer;
+  stale ``input_layernorm`` weights the stage checkpoint overrides), sharded safetensors, Phi-2 tokenizer
+  (``fused=False``: q/k/v apart, as transformers >= 4.37 saves Phi-2);
 - ``eva_vit_g.pth``: EVA state dict with one block more than used and positions for 224x224 inputs;
 - ``blip2_pretrained_flant5xxl.pth`` (Q-Former, ``query_tokens``, ``ln_vision`` and unused tensors) and
   ``bert-base-uncased/config.json``; ``tinygpt-v.json``."""
@@ -36,9 +37,10 @@ PROJ_DIM, LORA_R, LORA_ALPHA, QUERIES = 48, 8, 16, 32
 PEFT = "llama_model.base_model.model."
 
 
-def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: bool = True) -> Path:
+def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: bool = True, fused: bool = True) -> Path:
     """Write the tiny replica to the new folder ``out`` (whole, then renamed); returns its description file.
-    ``stage`` 4 means a 448x448 stage-4 checkpoint; ``lora=False`` a LoRA-free (stage-1 style) checkpoint."""
+    ``stage`` 4 means a 448x448 stage-4 checkpoint; ``lora=False`` a LoRA-free (stage-1 style) checkpoint;
+    ``fused=False`` a Phi-2 folder as transformers >= 4.37 saves it (q/k/v apart)."""
     if stage not in (1, 2, 3, 4):
         raise ConfigError(f"stage must be 1-4, got {stage!r}")
     out = Path(out)
@@ -48,7 +50,7 @@ def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        _write(tmp, seed, stage, lora)
+        _write(tmp, seed, stage, lora, fused)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,21 +80,21 @@ def _renamed(state: dict, prefix: str, new: str) -> dict[str, torch.Tensor]:
     return {new + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _phi_files(state: dict, text: TextConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _phi_files(state: dict, text: TextConfig, fused: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Phi-2 in the 4.36 layout: q/k/v fused as the 4.36 converter does (Microsoft's [3, heads, head_dim]
     row order, first two axes swapped); no QK or post norms; stale input_layernorm gains."""
     files = _renamed(state, "text.lm_head.", "lm_head.")
     for name, t in _renamed(state, "text.", "model.").items():
         if name.startswith("model.lm_head.") or any(s in name for s in ("q_layernorm", "k_layernorm", "post_layernorm")):
             continue
-        if ".k_proj." in name or ".v_proj." in name:
+        if fused and (".k_proj." in name or ".v_proj." in name):
             continue
-        if ".q_proj." in name:
+        if fused and ".q_proj." in name:
             parts = [state["text." + name[len("model."):].replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
             wqkv = torch.cat(parts)  # (3*D[, D]): Microsoft's Wqkv, rows [3, heads, head_dim]
             rest = wqkv.shape[1:]
-            fused = wqkv.view(3, text.num_heads, text.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
-            files[name.replace("q_proj", "query_key_value")] = fused  # rows [heads, 3, head_dim]
+            qkv = wqkv.view(3, text.num_heads, text.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
+            files[name.replace("q_proj", "query_key_value")] = qkv  # rows [heads, 3, head_dim]
             continue
         if name.endswith("input_layernorm.weight"):  # the stage checkpoint holds the trained gains
             t = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
@@ -118,7 +120,7 @@ def _stage_model(state: dict, text: TextConfig, lora: bool, gen: torch.Generator
     return model
 
 
-def _write(folder: Path, seed: int, stage: int, lora: bool) -> None:
+def _write(folder: Path, seed: int, stage: int, lora: bool, fused: bool) -> None:
     size = 448 if stage == 4 else 224
     phi_dir, bert_dir = folder / "phi-2", folder / "bert-base-uncased"
     ids = write_tiny_tokenizer("phi2", phi_dir)
@@ -138,7 +140,7 @@ def _write(folder: Path, seed: int, stage: int, lora: bool) -> None:
     _randomize(model, gen)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    save_sharded(_phi_files(state, text, gen), phi_dir, torch.float16)
+    save_sharded(_phi_files(state, text, fused, gen), phi_dir, torch.float16)
     eva_state = _renamed(state, "vision.", "")
     eva_state["pos_embed"] = 0.1 * torch.randn(1, (224 // eva.patch_size) ** 2 + 1, eva.width, generator=gen)
     torch.save(eva_state | _unused_block(eva_state, eva.depth, gen), folder / "eva_vit_g.pth")

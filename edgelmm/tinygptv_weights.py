@@ -1,15 +1,16 @@
 """TinyGPT-V's released pieces as one table of edgelmm parameter names → tensors (model-formats.md §3.1).
 
 Per piece: key renames; the Phi-2 4.36 ``query_key_value`` (rows interleaved per head as [heads, 3, head_dim])
-split into q/k/v; LoRA (``lora_A``/``lora_B``, scale alpha/r) merged into its base weight first; EVA's
+split into q/k/v (a Phi-2 saved by transformers >= 4.37, q/k/v apart, is fused first); LoRA (``lora_A``/``lora_B``, scale alpha/r) merged into its base weight first; EVA's
 ``pos_embed`` interpolated to the input size; norm tensors no file carries (q/k LayerNorm biases, ...) set to
 their fresh-module values, as upstream's ``strict=False`` loads leave them. Tensors are made on demand, so a
 multi-GB file is read one tensor at a time. The table has the interface ``loader.load_into`` reads."""
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -49,6 +50,9 @@ class TensorTable:
     def keys(self):
         return self._items.keys()
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._items[name][0]
 
@@ -71,7 +75,7 @@ def read_pth(path: Path, what: str) -> dict:
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged or non-tensor pickles
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"cannot read {what} {path} ({type(e).__name__}: {e}); download it again") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
@@ -132,15 +136,15 @@ def merge_lora(table: TensorTable, pairs: dict, alpha: float, rank: int | None) 
         if rank is not None and r != rank:
             raise ShapeMismatchError(f"{origin.name} has rank-{r} LoRA on {base}, but the description says lora_r "
                                      f"{rank}; fix lora_r or use the matching checkpoint")
-        if base not in table.keys():
+        if base not in table:
             raise CheckpointError(f"{origin.name} has LoRA for {base}, which the Phi-2 folder lacks")
         want = (b.shape[0], a.shape[1])
         if table.shape(base) != want:
             raise ShapeMismatchError(f"LoRA for {base} in {origin.name} is {want} but the base weight in "
                                      f"{table.file_of[base].name} is {table.shape(base)}")
         shape, make, src = table.pop(base)
-        merged = lambda make=make, a=a, b=b, r=r: make().float() + (alpha / r) * (b.float() @ a.float())
-        table.put(base, shape, merged, src)
+        table.put(base, shape, lambda make=make, a=a, b=b, r=r: make().float() + (alpha / r) * (b.float() @ a.float()),
+                  src)
 
 
 def split_fused_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,21 +155,40 @@ def split_fused_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torc
     return tuple(per_head[:, i].reshape(-1, *rest) for i in range(3))  # 3 x (H*Dh[, D])
 
 
+def fuse_qkv(table: TensorTable, heads: int) -> None:
+    """Turn a Phi-2 folder saved by transformers >= 4.37 (``q_proj``/``k_proj``/``v_proj`` apart) into the 4.36
+    fused layout the LoRA targets: rows [heads, 3, head_dim] (the 4.36 converter's order)."""
+    for name in [n for n in table.keys() if ".self_attn.q_proj." in n]:
+        parts = [table.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        shape, origin = parts[0][0], parts[0][2]
+
+        def fused(makes=tuple(p[1] for p in parts), rest=shape[1:]) -> torch.Tensor:
+            qkv = torch.stack([make() for make in makes])  # (3, H*Dh[, D])
+            return qkv.view(3, heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)  # (H*3*Dh[, D])
+        table.put(name.replace("q_proj", "query_key_value"), (3 * shape[0], *shape[1:]), fused, origin)
+
+
 def split_qkv(table: TensorTable, heads: int) -> None:
     """Replace every ``query_key_value`` entry by its q_proj/k_proj/v_proj parts (after any LoRA merge)."""
+    last: dict[str, object] = {}  # load_into reads q, k, v one after another: keep one fused tensor at a time
+
+    def part(name: str, make: Callable[[], torch.Tensor], i: int) -> torch.Tensor:
+        if last.get("name") != name:
+            last.update(name=name, parts=split_fused_qkv(make(), heads))
+        return last["parts"][i]
+
     for name in [n for n in table.keys() if ".self_attn.query_key_value." in n]:
         shape, make, origin = table.pop(name)
         if shape[0] % (3 * heads):
             raise ShapeMismatchError(f"{name} in {origin.name} has {shape[0]} rows, not a multiple of 3 x {heads} heads")
-        fused = lru_cache(maxsize=1)(make)  # q, k and v are read one after another: make the fused tensor once
         for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            part = lambda fused=fused, i=i: split_fused_qkv(fused(), heads)[i]
-            table.put(name.replace("query_key_value", proj), (shape[0] // 3, *shape[1:]), part, origin)
+            table.put(name.replace("query_key_value", proj), (shape[0] // 3, *shape[1:]),
+                      lambda name=name, make=make, i=i: part(name, make, i), origin)
 
 
 def resize_pos_embed(table: TensorTable, grid: int) -> None:
     """Interpolate EVA's learned positions to a grid x grid patch grid (224 → 16, 448 → 32 for patch 14)."""
-    if "vision.pos_embed" not in table.keys():
+    if "vision.pos_embed" not in table:
         return
     shape, make, origin = table.pop("vision.pos_embed")
     table.put("vision.pos_embed", (1, grid * grid + 1, shape[-1]), lambda: interpolate_pos_embed(make(), grid), origin)
@@ -175,5 +198,5 @@ def fill_fresh(table: TensorTable, params: dict[str, torch.nn.Parameter], origin
     """Give the norm tensors no file carries the values a freshly built module has (as upstream does)."""
     for name, p in params.items():
         suffix = ".".join(name.split(".")[-2:])
-        if name not in table.keys() and suffix in _FRESH:
+        if name not in table and suffix in _FRESH:
             table.put(name, p.shape, lambda s=tuple(p.shape), v=_FRESH[suffix]: torch.full(s, v), origin)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgelmm.errors import ConfigError, EdgeLMMError
+from edgelmm.errors import ConfigError, QuantizationError
 from edgelmm.gptq_format import (
     SUPPORTED_BITS,
     default_g_idx,
@@ -20,10 +20,6 @@ from edgelmm.gptq_format import (
     pack_qweight,
     pack_qzeros,
 )
-
-
-class QuantizationError(EdgeLMMError):
-    """A layer cannot be quantized (e.g. its Hessian stays non-positive-definite at the largest damp)."""
 
 
 @dataclass

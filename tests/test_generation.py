@@ -19,17 +19,14 @@ def model(request, tiny_checkpoint):
 def test_cached_decode_equals_full_recomputation(model):
     image = sample_image(1)
     result = model.generate(image, QUESTION, max_new_tokens=12)
-    from edgelmm.image import load_image, preprocess
-
-    pixels = torch.from_numpy(preprocess(load_image(image), model.spec.image))[None]
     _, ids = model.prompt_ids(QUESTION)
     t = model.spec.text
     with torch.inference_mode():
-        features = model.model.encode_image(pixels)
+        features = model.backend.encode_image(model.pixels(image))
         for step, token in enumerate(result.token_ids):
             fresh = KVCache(t.num_layers, t.num_kv_heads, t.head_dim, len(ids) + step + 1)
-            embeds = model.model.splice(torch.tensor([ids + result.token_ids[:step]]), features)
-            logits = model.model.text(embeds, fresh, start=0)[0, -1]  # no cache reuse at all
+            embeds = model.backend.model.splice(torch.tensor([ids + result.token_ids[:step]]), features)
+            logits = model.backend.model.text(embeds, fresh, start=0)[0, -1]  # no cache reuse at all
             assert int(logits.argmax()) == token, f"step {step}"
 
 
@@ -39,9 +36,9 @@ def test_cached_logits_equal_recomputed_logits(model):
     torch.manual_seed(0)
     embeds = torch.randn(1, 40, t.hidden_size)
     with torch.inference_mode():
-        whole = model.model.text(embeds, KVCache(t.num_layers, t.num_kv_heads, t.head_dim, 64), 0, last_only=False)
+        whole = model.backend.model.text(embeds, KVCache(t.num_layers, t.num_kv_heads, t.head_dim, 64), 0, last_only=False)
         cache = KVCache(t.num_layers, t.num_kv_heads, t.head_dim, 64)
-        parts = [model.model.text(embeds[:, a:b], cache, a, last_only=False) for a, b in ((0, 25), (25, 26), (26, 40))]
+        parts = [model.backend.model.text(embeds[:, a:b], cache, a, last_only=False) for a, b in ((0, 25), (25, 26), (26, 40))]
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
 
 

@@ -17,13 +17,8 @@ QUESTION = "What is in the picture?"
 
 def edgelmm_prompt_logits(model: EdgeLMM, image, question: str) -> torch.Tensor:
     """All prompt positions' logits [T, V] from edgelmm (API path up to the decoder)."""
-    from edgelmm.image import load_image, preprocess
-
-    pixels = torch.from_numpy(preprocess(load_image(image), model.spec.image))[None]
-    _, ids = model.prompt_ids(question)
-    with torch.inference_mode():
-        embeds = model.model.splice(torch.tensor([ids]), model.model.encode_image(pixels))
-        return model.model.text(embeds, model.cache, start=0, last_only=False)[0]
+    backend = model.backend
+    return backend.prompt_logits(model.prompt_ids(question)[1], backend.encode_image(model.pixels(image)))
 
 
 @pytest.mark.parametrize("family,layout,llm", CASES)

@@ -34,7 +34,7 @@ class QFormerConfig:
             raise ConfigError(f"Q-Former hidden size {self.hidden_size} is not a multiple of {self.num_heads} heads")
 
     @classmethod
-    def from_bert(cls, cfg: dict, encoder_width: int, num_queries: int) -> "QFormerConfig":
+    def from_bert(cls, cfg: dict, encoder_width: int, num_queries: int) -> QFormerConfig:
         """Parse a BERT config.json (as ``BertConfig.from_pretrained("bert-base-uncased")`` reads it)."""
         try:
             return cls(hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],

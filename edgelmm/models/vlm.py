@@ -6,12 +6,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..spec import ModelSpec
+from ..spec import IMAGE_PLACEHOLDER, ModelSpec
 from .projector import Projector
 from .text import TextModel
 from .vision import VisionTower
-
-IMAGE_PLACEHOLDER = -200  # marks image positions in prompt ids (LLaVA's sentinel, expanded N times)
 
 
 class VLM(nn.Module):
