@@ -40,15 +40,25 @@ class EdgeLMM:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None) -> "EdgeLMM":
-        """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), offline.
+        """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
+        description ``.json`` naming its released pieces (see ``edgelmm.tinygptv``), offline.
 
+        An ``edgelmm export --format onnx`` folder runs on onnxruntime (``dtype`` and ``vision_tower`` unused).
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to fp16 on CUDA and fp32 on CPU.
         ``vision_tower`` points legacy TinyLLaVA at its separate SigLIP folder when it is not found beside
         the checkpoint. ``context_length`` caps the preallocated KV cache (default: the model's context)."""
         folder = Path(path).expanduser()
+        if folder.suffix == ".json" and folder.is_file():  # a description file naming released pieces (TinyGPT-V)
+            from .tinygptv import load_tinygptv
+
+            return cls(*load_tinygptv(folder, device, dtype, context_length))
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
-        verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
+        manifest = verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
+        if (manifest or {}).get("backend") == "onnx":  # an ONNX export runs on onnxruntime, without torch
+            from .backend_onnx import OnnxBackend
+
+            return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)
         from .backend_torch import TorchBackend
 
         backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length)

@@ -12,6 +12,7 @@ from .families import detect
 from .gptq_load import read_gptq_config, use_quant_linears
 from .kv_cache import KVCache
 from .loader import WeightFiles, load_into, read_json
+from .models.layers import bind_kernels
 from .models.vlm import VLM
 from .spec import ModelSpec
 
@@ -59,6 +60,7 @@ class TorchBackend:
             use_quant_linears(model, sources, gptq, device)
         load_into(model, sources, dtype, device)
         model.text.init_rope(device)
+        bind_kernels(model, device)
         model.eval()
         return cls(model, new_cache(spec, context_length, dtype, device))
 

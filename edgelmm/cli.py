@@ -1,4 +1,4 @@
-"""The ``edgelmm`` command line: ask, make-tiny, demo."""
+"""The ``edgelmm`` command line: ask, make-tiny, demo, export."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", choices=FAMILIES, default="tinyllava")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.set_defaults(func=cmd_demo)
+    from edgelmm.export.cli import add_export_parser  # light: the exporters load when the command runs
+
+    add_export_parser(sub)
     return parser
 
 

@@ -22,6 +22,14 @@ class KVCache:
         self.data[1, layer, :, :, start:end] = v
         return self.data[0, layer, :, :, :end], self.data[1, layer, :, :, :end]
 
+    def keys(self, layer: int) -> torch.Tensor:
+        """The layer's whole key buffer [B, Hkv, max_seq_len, D]."""
+        return self.data[0, layer]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """The layer's whole value buffer [B, Hkv, max_seq_len, D]."""
+        return self.data[1, layer]
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from .errors import ConfigError
 from .families import detect
 from .models.vlm import VLM
+from .shapes import CLIP_PROCESSOR, FACTORY_LLMS, SIGLIP_PROCESSOR, TINY, checkpoint_config
 from .tiny_tokenizers import write_tiny_tokenizer
 
 QK_SHARPEN = 3.0  # scales q/k init: peaked attention keeps token positions (and a mirrored image) visible
@@ -22,73 +23,6 @@ TOKENIZER_STYLE = {"tinyllava": "phi2", "tinyllava-legacy": "phi2", "mipha": "ph
                    "llava-gemma": "gemma", "tiny-llava-hf": "llama"}
 DTYPE = {"tinyllava": torch.float16, "tinyllava-legacy": torch.float32, "mipha": torch.bfloat16,
          "llava-gemma": torch.float32, "tiny-llava-hf": torch.float32}
-
-SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-          "num_attention_heads": 2, "patch_size": 14, "image_size": 384, "layer_norm_eps": 1e-6,
-          "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
-CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-        "num_attention_heads": 2, "patch_size": 14, "image_size": 336, "layer_norm_eps": 1e-5,
-        "hidden_act": "quick_gelu", "projection_dim": 32}
-PHI = {"model_type": "phi", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-       "num_attention_heads": 4, "num_key_value_heads": 4, "partial_rotary_factor": 0.4, "hidden_act": "gelu_new",
-       "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-       "qk_layernorm": False, "resid_pdrop": 0.1}
-LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-         "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False}
-GEMMA = {"model_type": "gemma", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "hidden_act": "gelu",
-         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True}
-QWEN2 = {**LLAMA, "model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False}
-FACTORY_LLMS = {"phi": (PHI, "microsoft/phi-2", "phi2"), "llama": (LLAMA, "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama"),
-                "gemma": (GEMMA, "google/gemma-2b-it", "gemma"), "qwen2": (QWEN2, "Qwen/Qwen2-0.5B", "phi2")}
-SIGLIP_PROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
-                    "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
-                    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-CLIP_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
-                  "resample": 3, "do_center_crop": True, "crop_size": {"height": 336, "width": 336},
-                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                  "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                  "image_std": [0.26862954, 0.26130258, 0.27577711]}
-
-
-def _config(family: str, vocab: int, ids: dict, llm: str) -> dict:
-    """config.json as the family's released checkpoints write it (tiny sizes)."""
-    if family == "tinyllava":
-        text, llm_name, _ = FACTORY_LLMS[llm]
-        return {"architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava",
-                "llm_model_name_or_path": llm_name, "vision_model_name_or_path":
-                "google/siglip-so400m-patch14-384", "connector_type": "mlp2x_gelu", "hidden_size": PHI["hidden_size"],
-                "image_aspect_ratio": "square", "image_token_index": -200, "ignore_index": -100,
-                "vision_feature_layer": -2, "vision_feature_select_strategy": "patch", "vision_hidden_size": 32,
-                "pad_token": "<|endoftext|>", "pad_token_id": ids["pad"], "tokenizer_model_max_length": 3072,
-                "tokenizer_padding_side": "right", "tokenizer_use_fast": False, "torch_dtype": "float16",
-                "text_config": {**text, "vocab_size": vocab},
-                "vision_config": SIGLIP, "num_queries": 128, "num_resampler_layers": 3}
-    if family == "tinyllava-legacy":
-        return {**PHI, "architectures": ["TinyLlavaPhiForCausalLM"], "model_type": "tiny_llava_phi",
-                "vocab_size": vocab, "mm_vision_tower": "bczhou/TinyLLaVA-3.1B-SigLIP", "mm_hidden_size": 32,
-                "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-                "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
-                "mm_use_im_patch_token": False, "tokenizer_model_max_length": 3072, "tokenizer_padding_side": "right",
-                "pad_token": "<|endoftext|>", "pad_token_id": ids["pad"], "bos_token_id": ids["bos"],
-                "eos_token_id": ids["eos"], "torch_dtype": "float32"}
-    if family == "mipha":
-        vision = {**SIGLIP, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-                  "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}
-        return {**PHI, "architectures": ["MiphaPhiForCausalLM"], "model_type": "mipha_phi", "vocab_size": vocab,
-                "image_aspect_ratio": "pad", "freeze_vision_tower": False, "tune_mm_mlp_adapter": True,
-                "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tokenizer_model_max_length": 2048,
-                "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-                "vision_config": {"vision_tower": vision, "mm_projector": {
-                    "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "hidden_size": PHI["hidden_size"]}}}
-    text = GEMMA if family == "llava-gemma" else LLAMA
-    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "image_token_index": ids["image"], "pad_token_id": ids["pad"], "projector_hidden_act": "gelu",
-            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "ignore_index": -100,
-            "text_config": {**text, "vocab_size": vocab, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"]},
-            "vision_config": CLIP, "torch_dtype": "float32", "tie_word_embeddings": text["tie_word_embeddings"]}
-
 
 def _randomize(model: VLM, seed: int) -> None:
     """Random weights with norm gains near 1 (Gemma's (1+w) norms near 0) and peaked attention, so tiny
@@ -180,17 +114,17 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", 
 
 def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
     if family == "tinyllava":  # sentinel splicing: no <image> token in the vocabulary
-        ids = write_tiny_tokenizer(FACTORY_LLMS[llm][2], folder, image_token=False, pad_token=False)
+        ids = write_tiny_tokenizer(FACTORY_LLMS[llm][1], folder, image_token=False, pad_token=False)
     else:
         ids = write_tiny_tokenizer(TOKENIZER_STYLE[family], folder)
     vocab = -(-ids["vocab_size"] // 64) * 64  # embeddings padded past the tokenizer, as Phi-2's are
-    cfg = _config(family, vocab, ids, llm)
+    cfg = checkpoint_config(family, vocab, ids, llm, TINY)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed + 1)
     tower = folder / "siglip_vision_tower"
     if family == "tinyllava-legacy":  # the SigLIP tower ships as its own checkpoint (fp16 pytorch_model.bin)
         tower.mkdir()
-        (tower / "config.json").write_text(json.dumps({**SIGLIP, "num_hidden_layers": 3}, indent=2))
+        (tower / "config.json").write_text(json.dumps(TINY["siglip"], indent=2))
     new_layout = family in ("llava-gemma", "tiny-llava-hf") and layout == "new"
     spec = detect(cfg, folder, ["model.language_model."] if new_layout else [])
     model = VLM(spec)
@@ -198,7 +132,7 @@ def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if spec.text.tie_word_embeddings:
         state.pop("text.lm_head.weight")
-    vcfg = SIGLIP if spec.vision.arch == "siglip" else CLIP
+    vcfg = TINY[spec.vision.arch]
     vision = {k: v for k, v in state.items() if k.startswith("vision.")}
     rest = {k: v for k, v in state.items() if not k.startswith("vision.")}
     if family == "tinyllava-legacy":
@@ -214,7 +148,7 @@ def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
         ckpt.update(_extra_vision(vcfg, vision_prefix, spec.vision.num_layers, gen))
     save_sharded(ckpt, folder, DTYPE[family], shards=3 if family == "llava-gemma" else 2)
     if family == "llava-gemma":  # Intel's repo keeps the pre-conversion shards beside the real ones
-        save_file({"model.embed_tokens.weight": torch.randn(vocab, 64, generator=gen)},
+        save_file({"model.embed_tokens.weight": torch.randn(vocab, cfg["text_config"]["hidden_size"], generator=gen)},
                   folder / "model-00001-of-00002.safetensors")
     if family in ("llava-gemma", "tiny-llava-hf"):
         (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PROCESSOR, indent=2))

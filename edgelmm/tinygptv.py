@@ -37,7 +37,6 @@ from torch import nn
 from .config import TextConfig
 from .errors import CheckpointError, ConfigError, ShapeMismatchError, UnsupportedModelError
 from .image import CLIP_MEAN, CLIP_STD, ImageSpec
-from .kv_cache import KVCache
 from .loader import WeightFiles, load_into, read_json
 from .models.eva import EvaConfig
 from .models.qformer import QFormerConfig
@@ -191,9 +190,14 @@ def _check(table: TensorTable, params: dict[str, nn.Parameter], desc: Descriptio
                               "is it the right file, complete?")
 
 
-def load_tinygptv(path: Path, device: torch.device, dtype: torch.dtype, context_length: int | None = None):
-    """Build TinyGPT-V from the description file ``path``; returns (model, tokenizer, spec, cache, path), the
+def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | None = None):
+    """Build TinyGPT-V from the description file ``path``; returns (TorchBackend, Tokenizer, path), the
     arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once."""
+    from .backend_torch import TorchBackend, new_cache, resolve_dtype
+    from .models.layers import bind_kernels
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
     desc = Description.read(path)
     text = _text_config(desc)
     table = build_table(desc, text)
@@ -211,9 +215,9 @@ def load_tinygptv(path: Path, device: torch.device, dtype: torch.dtype, context_
     for name in ("weight", "bias"):  # ln_vision stays fp32, as LAVIS keeps it
         setattr(model.ln_vision, name, nn.Parameter(table.get(f"ln_vision.{name}").float().to(device), False))
     model.text.init_rope(device)
+    bind_kernels(model, device)
     model.eval()
-    spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
-                        desc.context_length)
-    limit = min(context_length or desc.context_length, text.max_position_embeddings)
-    cache = KVCache(text.num_layers, text.num_kv_heads, text.head_dim, limit, dtype=dtype, device=device)
-    return model, Tokenizer.from_dir(desc.pieces["phi2"]), spec, cache, path
+    model.spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
+                              desc.context_length)
+    backend = TorchBackend(model, new_cache(model.spec, context_length, dtype, device))
+    return backend, Tokenizer.from_dir(desc.pieces["phi2"]), path

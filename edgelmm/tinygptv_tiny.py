@@ -24,10 +24,16 @@ from .errors import ConfigError
 from .models.eva import EvaConfig
 from .models.qformer import QFormerConfig
 from .models.tinygptv import TinyGPTV, VisualConfig
-from .tiny import PHI, QK_SHARPEN, save_sharded
+from .tiny import QK_SHARPEN, save_sharded
 from .tiny_tokenizers import write_tiny_tokenizer
 
 EVA = {"width": 32, "depth": 2, "heads": 2, "patch_size": 14}
+PHI2 = {"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 64, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "partial_rotary_factor": 0.4,
+        "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": False, "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "rope_scaling": None, "initializer_range": 0.02, "use_cache": True,
+        "torch_dtype": "float16", "transformers_version": "4.36.2"}  # microsoft/phi-2's fields, tiny sizes
 BERT = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3,
         "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
         "vocab_size": 100, "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
@@ -37,7 +43,8 @@ PROJ_DIM, LORA_R, LORA_ALPHA, QUERIES = 48, 8, 16, 32
 PEFT = "llama_model.base_model.model."
 
 
-def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: bool = True, fused: bool = True) -> Path:
+def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: bool = True,
+                       fused: bool = True) -> Path:
     """Write the tiny replica to the new folder ``out`` (whole, then renamed); returns its description file.
     ``stage`` 4 means a 448x448 stage-4 checkpoint; ``lora=False`` a LoRA-free (stage-1 style) checkpoint;
     ``fused=False`` a Phi-2 folder as transformers >= 4.37 saves it (q/k/v apart)."""
@@ -85,12 +92,14 @@ def _phi_files(state: dict, text: TextConfig, fused: bool, gen: torch.Generator)
     row order, first two axes swapped); no QK or post norms; stale input_layernorm gains."""
     files = _renamed(state, "text.lm_head.", "lm_head.")
     for name, t in _renamed(state, "text.", "model.").items():
-        if name.startswith("model.lm_head.") or any(s in name for s in ("q_layernorm", "k_layernorm", "post_layernorm")):
+        if name.startswith("model.lm_head.") or any(n in name for n in ("q_layernorm", "k_layernorm",
+                                                                          "post_layernorm")):
             continue
         if fused and (".k_proj." in name or ".v_proj." in name):
             continue
         if fused and ".q_proj." in name:
-            parts = [state["text." + name[len("model."):].replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            ours = "text." + name[len("model."):]
+            parts = [state[ours.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
             wqkv = torch.cat(parts)  # (3*D[, D]): Microsoft's Wqkv, rows [3, heads, head_dim]
             rest = wqkv.shape[1:]
             qkv = wqkv.view(3, text.num_heads, text.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
@@ -125,9 +134,7 @@ def _write(folder: Path, seed: int, stage: int, lora: bool, fused: bool) -> None
     phi_dir, bert_dir = folder / "phi-2", folder / "bert-base-uncased"
     ids = write_tiny_tokenizer("phi2", phi_dir)
     vocab = -(-ids["vocab_size"] // 64) * 64
-    phi_cfg = {**PHI, "architectures": ["PhiForCausalLM"], "vocab_size": vocab, "bos_token_id": ids["bos"],
-               "eos_token_id": ids["eos"], "embd_pdrop": 0.0, "attention_dropout": 0.0, "rope_scaling": None,
-               "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float16", "transformers_version": "4.36.2"}
+    phi_cfg = {**PHI2, "vocab_size": vocab, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}
     (phi_dir / "config.json").write_text(json.dumps(phi_cfg, indent=2))
     bert_dir.mkdir()
     (bert_dir / "config.json").write_text(json.dumps(BERT, indent=2))
@@ -145,11 +152,14 @@ def _write(folder: Path, seed: int, stage: int, lora: bool, fused: bool) -> None
     eva_state["pos_embed"] = 0.1 * torch.randn(1, (224 // eva.patch_size) ** 2 + 1, eva.width, generator=gen)
     torch.save(eva_state | _unused_block(eva_state, eva.depth, gen), folder / "eva_vit_g.pth")
     blip2 = (_renamed(state, "qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm.")
-             | _renamed(state, "qformer.layer.", "Qformer.bert.encoder.layer.") | _renamed(state, "ln_vision.", "ln_vision."))
+             | _renamed(state, "qformer.layer.", "Qformer.bert.encoder.layer.")
+             | _renamed(state, "ln_vision.", "ln_vision."))
     blip2["query_tokens"] = state["qformer.query_tokens"]
-    blip2.update({"Qformer.bert.embeddings.word_embeddings.weight": torch.randn(BERT["vocab_size"], BERT["hidden_size"], generator=gen),
+    hidden = BERT["hidden_size"]  # tensors of the BLIP-2 file MiniGPT-4 never uses:
+    words = torch.randn(BERT["vocab_size"], hidden, generator=gen)
+    blip2.update({"Qformer.bert.embeddings.word_embeddings.weight": words,
                   "Qformer.bert.embeddings.position_ids": torch.arange(BERT["max_position_embeddings"])[None],
-                  "t5_proj.weight": torch.randn(16, BERT["hidden_size"], generator=gen), "t5_proj.bias": torch.zeros(16)})
+                  "t5_proj.weight": torch.randn(16, hidden, generator=gen), "t5_proj.bias": torch.zeros(16)})
     torch.save({"model": blip2}, folder / "blip2_pretrained_flant5xxl.pth")
 
     arch = {"arch": "minigpt_v2", "model_type": "pretrain"} if stage == 4 else \

@@ -1,9 +1,10 @@
 """TinyGPT-V's released pieces as one table of edgelmm parameter names → tensors (model-formats.md §3.1).
 
 Per piece: key renames; the Phi-2 4.36 ``query_key_value`` (rows interleaved per head as [heads, 3, head_dim])
-split into q/k/v (a Phi-2 saved by transformers >= 4.37, q/k/v apart, is fused first); LoRA (``lora_A``/``lora_B``, scale alpha/r) merged into its base weight first; EVA's
-``pos_embed`` interpolated to the input size; norm tensors no file carries (q/k LayerNorm biases, ...) set to
-their fresh-module values, as upstream's ``strict=False`` loads leave them. Tensors are made on demand, so a
+split into q/k/v (a Phi-2 saved by transformers >= 4.37, q/k/v apart, is fused first); LoRA (``lora_A``/
+``lora_B``, scale alpha/r) merged into its base weight first; EVA's ``pos_embed`` interpolated to the input size;
+norm tensors no file carries (q/k LayerNorm biases, ...) set to their fresh-module values, as upstream's
+``strict=False`` loads leave them. Tensors are made on demand, so a
 multi-GB file is read one tensor at a time. The table has the interface ``loader.load_into`` reads."""
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ class TensorTable:
     def __contains__(self, name: str) -> bool:
         return name in self._items
 
+    def __iter__(self):
+        return iter(self._items)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._items[name][0]
 
@@ -101,7 +105,8 @@ def add_tensors(table: TensorTable, state: dict[str, torch.Tensor], rules: KeyRu
 
 def add_files(table: TensorTable, files: WeightFiles, rules: KeyRules) -> None:
     """Register every tensor of an HF folder under its renamed key, read lazily."""
-    for key in files.keys():
+    keys = files.keys()
+    for key in keys:
         name = map_key(key, rules)
         if name is not None:
             table.put(name, files.shape(key), lambda k=key: files.get(k), files.file_of[key])
@@ -111,7 +116,7 @@ def take_lora(table: TensorTable) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     """Remove the LoRA pairs from ``table``: base weight name → (A [r, in], B [out, r], file)."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     origin: dict[str, Path] = {}
-    for name in [n for n in table.keys() if _LORA.match(n)]:
+    for name in [n for n in table if _LORA.match(n)]:
         prefix, half = _LORA.match(name).groups()
         base = prefix + ".weight"
         _, make, origin[base] = table.pop(name)
@@ -143,8 +148,8 @@ def merge_lora(table: TensorTable, pairs: dict, alpha: float, rank: int | None) 
             raise ShapeMismatchError(f"LoRA for {base} in {origin.name} is {want} but the base weight in "
                                      f"{table.file_of[base].name} is {table.shape(base)}")
         shape, make, src = table.pop(base)
-        table.put(base, shape, lambda make=make, a=a, b=b, r=r: make().float() + (alpha / r) * (b.float() @ a.float()),
-                  src)
+        scale = alpha / r
+        table.put(base, shape, lambda make=make, a=a, b=b, s=scale: make().float() + s * (b.float() @ a.float()), src)
 
 
 def split_fused_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +163,7 @@ def split_fused_qkv(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, torc
 def fuse_qkv(table: TensorTable, heads: int) -> None:
     """Turn a Phi-2 folder saved by transformers >= 4.37 (``q_proj``/``k_proj``/``v_proj`` apart) into the 4.36
     fused layout the LoRA targets: rows [heads, 3, head_dim] (the 4.36 converter's order)."""
-    for name in [n for n in table.keys() if ".self_attn.q_proj." in n]:
+    for name in [n for n in table if ".self_attn.q_proj." in n]:
         parts = [table.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
         shape, origin = parts[0][0], parts[0][2]
 
@@ -177,10 +182,10 @@ def split_qkv(table: TensorTable, heads: int) -> None:
             last.update(name=name, parts=split_fused_qkv(make(), heads))
         return last["parts"][i]
 
-    for name in [n for n in table.keys() if ".self_attn.query_key_value." in n]:
+    for name in [n for n in table if ".self_attn.query_key_value." in n]:
         shape, make, origin = table.pop(name)
         if shape[0] % (3 * heads):
-            raise ShapeMismatchError(f"{name} in {origin.name} has {shape[0]} rows, not a multiple of 3 x {heads} heads")
+            raise ShapeMismatchError(f"{name} in {origin.name} has {shape[0]} rows, not 3 x {heads} heads x head_dim")
         for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             table.put(name.replace("query_key_value", proj), (shape[0] // 3, *shape[1:]),
                       lambda name=name, make=make, i=i: part(name, make, i), origin)
@@ -191,7 +196,8 @@ def resize_pos_embed(table: TensorTable, grid: int) -> None:
     if "vision.pos_embed" not in table:
         return
     shape, make, origin = table.pop("vision.pos_embed")
-    table.put("vision.pos_embed", (1, grid * grid + 1, shape[-1]), lambda: interpolate_pos_embed(make(), grid), origin)
+    resized = (1, grid * grid + 1, shape[-1])  # (1, 1+G*G, D)
+    table.put("vision.pos_embed", resized, lambda: interpolate_pos_embed(make(), grid), origin)
 
 
 def fill_fresh(table: TensorTable, params: dict[str, torch.nn.Parameter], origin: Path) -> None:

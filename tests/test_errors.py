@@ -68,7 +68,7 @@ def test_tensor_shape_mismatch(copy):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] += 8
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ShapeMismatchError, match=r"mlp\.fc1\.(weight|bias).*has shape \(256,?.*implies \(264"):
+    with pytest.raises(ShapeMismatchError, match=r"mlp\.fc1\.(weight|bias) .* has shape .* but config\.json implies"):
         EdgeLMM.load(folder)
 
 

@@ -15,6 +15,7 @@ from edgelmm.config import TextConfig
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError, UnsupportedModelError
 from edgelmm.image import load_image, preprocess
 from edgelmm.kv_cache import KVCache
+from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
 from edgelmm.tinygptv_tiny import make_tiny_tinygptv
 
@@ -82,6 +83,7 @@ def test_phi_parts_match_transformers_phi_with_qk_layernorm():
     cfg = TextConfig.from_hf(hf_cfg.to_dict(), "phi")
     cfg.qk_layernorm = True
     ours = TextModel(cfg)
+    bind_kernels(ours, "cpu")
     state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not missing and not [k for k in unexpected if "rotary" not in k]
@@ -108,9 +110,9 @@ def test_lora_merged_layer_equals_unmerged_fused_forward(loaded, replicas):
     t = model.spec.text
     x = torch.randn(1, 5, t.hidden_size, generator=torch.Generator().manual_seed(2))
     for i, layer in enumerate(model.backend.model.text.layers):
-        lora = f"llama_model.base_model.model.backend.model.layers.{i}.self_attn."
+        lora = f"llama_model.base_model.model.model.layers.{i}.self_attn."
         base = f"model.layers.{i}.self_attn."
-        a, b = stage["model"][lora + "query_key_value.lora_A.weight"], stage["model"][lora + "query_key_value.lora_B.weight"]
+        a, b = (stage["model"][f"{lora}query_key_value.lora_{x}.weight"] for x in "AB")
         plain = x @ phi[base + "query_key_value.weight"].T + phi[base + "query_key_value.bias"]
         fused = (plain + scale * (x @ a.T) @ b.T).view(1, 5, t.num_heads, 3, t.head_dim)
         attn = layer.self_attn
@@ -136,7 +138,8 @@ def test_end_to_end_matches_reference(loaded, name):
     ref_logits, ref_tokens = ref.greedy(image, QUESTION, STEPS)
     with torch.inference_mode():
         features = model.backend.model.encode_image(_pixels(model, image))
-        ours = model.backend.model.text(model.backend.model.splice(torch.tensor([ids]), features), model.backend.cache, 0, last_only=False)[0]
+        embeds = model.backend.model.splice(torch.tensor([ids]), features)
+        ours = model.backend.model.text(embeds, model.backend.cache, 0, last_only=False)[0]
     assert ours.shape == ref_logits.shape
     assert (ours - ref_logits).abs().max() / ref_logits.abs().max() < 1e-5
     assert model.generate(image, QUESTION, max_new_tokens=STEPS, stop=()).token_ids == _until(ref_tokens, model)
@@ -156,8 +159,8 @@ def test_phi2_saved_by_newer_transformers_loads_the_same_model(loaded, tmp_path)
     """A Phi-2 folder with q/k/v apart (transformers >= 4.37) gives the same merged weights as the 4.36 one."""
     split = EdgeLMM.load(make_tiny_tinygptv(tmp_path / "split", seed=0, stage=3, fused=False))
     assert not any("query_key_value" in k for k in load_file(tmp_path / "split/phi-2/model-00001-of-00002.safetensors"))
-    fused = loaded("s3")[0].model.state_dict()
-    for name, tensor in split.model.state_dict().items():
+    fused = loaded("s3")[0].backend.model.state_dict()
+    for name, tensor in split.backend.model.state_dict().items():
         torch.testing.assert_close(tensor, fused[name], rtol=0, atol=1e-6, msg=name)
 
 
@@ -257,7 +260,8 @@ def test_mismatched_pieces_raise_typed_errors(replicas, tmp_path):
     (tmp_path / "bert.json").write_text(json.dumps({**bert, "intermediate_size": 96}))
     with pytest.raises(ShapeMismatchError, match="blip2_pretrained_flant5xxl.pth"):
         EdgeLMM.load(_described(replicas, tmp_path, qformer_config=str(tmp_path / "bert.json")))
-    no_queries = _edited_pth(root / "blip2_pretrained_flant5xxl.pth", tmp_path / "q.pth", lambda m: m.pop("query_tokens"))
+    blip2 = root / "blip2_pretrained_flant5xxl.pth"
+    no_queries = _edited_pth(blip2, tmp_path / "q.pth", lambda m: m.pop("query_tokens"))
     with pytest.raises(CheckpointError, match="query_tokens"):
         EdgeLMM.load(_described(replicas, tmp_path, qformer=no_queries))
     ckpt = root / "TinyGPT-V_for_Stage3.pth"
@@ -265,7 +269,7 @@ def test_mismatched_pieces_raise_typed_errors(replicas, tmp_path):
     with pytest.raises(CheckpointError, match="llama_proj2"):
         EdgeLMM.load(_described(replicas, tmp_path, checkpoint=no_proj))
     half_lora = _edited_pth(ckpt, tmp_path / "b.pth", lambda m: m.pop(
-        "llama_model.base_model.model.backend.model.layers.1.self_attn.dense.lora_B.weight"))
+        "llama_model.base_model.model.model.layers.1.self_attn.dense.lora_B.weight"))
     with pytest.raises(CheckpointError, match="lora_A but not its partner"):
         EdgeLMM.load(_described(replicas, tmp_path, checkpoint=half_lora))
     broken = tmp_path / "phi"

@@ -123,7 +123,7 @@ class TinyGPTVReference:
         bert = json.loads((root / d["qformer_config"] / "config.json").read_text())
         self.vision = _eva(eva, d["vision"])
         self.ln_vision = nn.LayerNorm(d["vision"]["width"])
-        self.ln_vision.load_state_dict({k[len("ln_vision."):]: v for k, v in blip2.items() if k.startswith("ln_vision.")})
+        self.ln_vision.load_state_dict({"weight": blip2["ln_vision.weight"], "bias": blip2["ln_vision.bias"]})
         self.query_tokens = blip2["query_tokens"]
         self.qformer = _qformer(blip2, bert, d["vision"]["width"])
         self.proj, self.proj2 = (nn.Linear(*stage[f"{n}.weight"].shape[::-1]) for n in ("llama_proj", "llama_proj2"))
@@ -157,7 +157,8 @@ class TinyGPTVReference:
     def segments(self, question: str) -> list[list[int]]:
         """get_context_emb: split the prompt at <ImageHere>; special tokens only on the first segment."""
         prompt = f"###Human: <Img>{IMAGE_HERE}</Img> {question}###Assistant: "
-        return [self.tokenizer(seg, add_special_tokens=i == 0).input_ids for i, seg in enumerate(prompt.split(IMAGE_HERE))]
+        segments = prompt.split(IMAGE_HERE)
+        return [self.tokenizer(seg, add_special_tokens=i == 0).input_ids for i, seg in enumerate(segments)]
 
     @torch.no_grad()
     def logits(self, question: str, features: torch.Tensor, answer: list[int]) -> torch.Tensor:

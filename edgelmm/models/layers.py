@@ -27,20 +27,46 @@ def activation(name: str):
         raise ConfigError(f"unsupported activation {name!r}; edgelmm knows {sorted(_ACTIVATIONS)}") from None
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32. ``offset=1.0`` gives Gemma's ``(1 + w)`` scaling."""
+class UsesKernels(nn.Module):
+    """A module that runs edgelmm.kernels ops; ``bind_kernels`` sets them once when the model loads."""
 
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    ops = None  # KernelOps
+
+
+def bind_kernels(model: nn.Module, device: torch.device | str) -> None:
+    """Choose the kernel implementations for ``device`` once (Triton on CUDA, torch references elsewhere;
+    ``EDGELMM_KERNELS`` overrides) and hand them to every module that uses them."""
+    from edgelmm.kernels import load_ops
+
+    ops = load_ops(device)
+    for module in model.modules():
+        if isinstance(module, UsesKernels):
+            module.ops = ops
+
+
+class RMSNorm(UsesKernels):
+    """RMSNorm computed in fp32. ``gemma=True`` gives Gemma's ``(1 + w)`` scaling."""
+
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.offset = eps, offset
+        self.eps, self.gemma = eps, gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma multiplies in fp32, then casts
-            return (xf * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+        return self.ops.rms_norm(x, self.weight, torch.empty_like(x), self.eps, gemma=self.gemma)
+
+
+class LayerNorm(UsesKernels):
+    """LayerNorm with HF parameter names (weight, bias), run by the kernel ops."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, torch.empty_like(x), self.eps)
 
 
 def rotary_table(rotary_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,16 +75,6 @@ def rotary_table(rotary_dim: int, max_positions: int, theta: float) -> tuple[tor
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, R/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (P, R)
     return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of x [B, H, T, D] (partial rotary passes the rest through)."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    x_rot = x_rot * cos + rotated * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
 def embedding_scale(hidden_size: int) -> float:

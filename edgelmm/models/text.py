@@ -3,16 +3,19 @@ Gemma (sqrt(d) embedding scale, (1+w) RMSNorm, GeGLU, MQA). Parameter names foll
 loads after a prefix rename only."""
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
 from ..kv_cache import KVCache
-from .layers import RMSNorm, activation, apply_rotary, embedding_scale, rotary_table
+from .layers import LayerNorm, RMSNorm, UsesKernels, activation, embedding_scale, rotary_table
+
+DECODE_SPLIT = 256  # KV positions per split of the split-KV decode kernel
 
 
-class Attention(nn.Module):
+class Attention(UsesKernels):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
@@ -22,8 +25,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         if cfg.qk_layernorm:
-            self.q_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
-            self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.q_layernorm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_layernorm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
         if cfg.arch == "phi":
             self.dense = out
         else:
@@ -31,30 +34,32 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 layer: int, start: int) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if cfg.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        if cfg.rotary_dim:
+            q = ops.rotary(q, cos, sin, q, cfg.rotary_dim)
+            k = ops.rotary(k, cos, sin, k, cfg.rotary_dim)
         keys, values = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
-        out = attend(q, keys, values, start)  # (B, H, T, D)
+        out = torch.empty_like(q)  # (B, H, T, D), laid out as (B, T, H, D)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        if t == 1:
+            kv_len = start + 1
+            splits = min(16, -(-kv_len // DECODE_SPLIT))
+            part_out = torch.empty(b, cfg.num_heads, splits, cfg.head_dim, device=q.device)  # (B, H, splits, D)
+            part_lse = torch.empty(b, cfg.num_heads, splits, device=q.device)  # (B, H, splits)
+            lens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
+            ops.decode_attention(q[:, :, 0], cache.keys(layer), cache.values(layer), lens, out[:, :, 0], scale,
+                                 part_out=part_out, part_lse=part_lse)
+        else:  # causal, aligned to the end: a chunk after a cached prefix sees the whole prefix
+            ops.prefill_attention(q, keys, values, out, scale, True)
         out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return (self.dense if cfg.arch == "phi" else self.o_proj)(out)
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of q [B, H, T, D] at positions start..start+T over keys/values [B, Hkv, start+T, D]."""
-    t, total = q.shape[2], keys.shape[2]
-    gqa = q.shape[1] != keys.shape[1]
-    if start == 0:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-    if t == 1:
-        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
-    mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=start)  # (T, start+T)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -81,8 +86,8 @@ class MLP(nn.Module):
 
 def _norm(cfg: TextConfig) -> nn.Module:
     if cfg.arch == "phi":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps, offset=1.0 if cfg.arch == "gemma" else 0.0)
+        return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps, gemma=cfg.arch == "gemma")
 
 
 class DecoderLayer(nn.Module):
@@ -142,8 +147,8 @@ class TextModel(nn.Module):
         """Run embeds [B, T, D] at positions start..start+T, filling the cache; return logits
         [B, 1, V] for the last position (or [B, T, V] when ``last_only`` is False), in fp32."""
         t = embeds.shape[1]
-        cos = self.rope_cos[start:start + t].to(embeds.dtype)  # (T, R)
-        sin = self.rope_sin[start:start + t].to(embeds.dtype)  # (T, R)
+        cos = self.rope_cos[None, start:start + t].to(embeds.dtype)  # (1, T, R)
+        sin = self.rope_sin[None, start:start + t].to(embeds.dtype)  # (1, T, R)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start)

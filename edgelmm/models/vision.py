@@ -1,12 +1,13 @@
 """SigLIP and CLIP vision towers, built only up to the encoder layer whose output is used."""
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import activation
+from .layers import LayerNorm, UsesKernels, activation
 
 
 class Embeddings(nn.Module):
@@ -27,10 +28,10 @@ class Embeddings(nn.Module):
         if self.cfg.arch == "clip":
             cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
             x = torch.cat((cls.to(x.dtype), x), dim=1)  # (B, 1+h*w, D)
-        return x + self.position_embedding.weight
+        return (x + self.position_embedding.weight).contiguous()  # (B, N, D)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(UsesKernels):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -39,9 +40,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+        head_dim = d // self.heads
+        q, k, v = (p(x).view(b, n, self.heads, head_dim).transpose(1, 2)  # (B, H, N, Dh)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        out = self.ops.prefill_attention(q, k, v, torch.empty_like(q), 1.0 / math.sqrt(head_dim), False)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -59,9 +61,9 @@ class VisionMLP(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.self_attn = SelfAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,7 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         if cfg.arch == "clip":
-            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)  # sic: HF's spelling
+            self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)  # sic: HF's spelling
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

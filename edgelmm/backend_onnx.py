@@ -1,0 +1,130 @@
+"""The onnxruntime backend: runs an ``edgelmm export --format onnx`` folder (vision, embedding and decoder
+graphs, tied together by genai_config.json) with onnxruntime and numpy only — nothing on this path imports
+torch.
+
+The KV cache is one preallocated OrtValue per layer and per K/V, of the whole context's length, bound both
+as the decoder's ``past_key_values.i.*`` input and as its ``present.i.*`` output, so GroupQueryAttention
+appends to it in place (past/present buffer sharing) and no step copies the cache. Logits go to a
+preallocated output; on CUDA the embeddings stay on the device between the embedding and decoder runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig
+
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("this is an ONNX export; install onnxruntime (pip install edgelmm[onnx]) "
+                          "or onnxruntime-gpu") from None
+    return onnxruntime
+
+
+def providers(target: str, device: str | None) -> list[str]:
+    """Execution providers by availability: TensorRT / CUDA for a CUDA (fp16) export unless ``device`` is
+    "cpu", else CPU. CPU exports run on CPU (GroupQueryAttention has no fp32 CUDA kernel)."""
+    available = _ort().get_available_providers()
+    chosen = []
+    if target == "cuda" and device != "cpu":
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    elif device not in (None, "cpu"):
+        raise ConfigError(f"this ONNX export targets the CPU; device {device!r} needs an export with --target cuda")
+    return chosen + ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, profile_prefix: str | None = None):
+    """SessionOptions: ``threads`` intra-op threads (default ``EDGELMM_THREADS`` or onnxruntime's choice),
+    full graph optimization, optional profiling to ``profile_prefix``."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    threads = threads or int(os.environ.get("EDGELMM_THREADS", "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
+
+
+class OnnxBackend:
+    """Three onnxruntime sessions, the KV buffers and the current device; implements generate.Backend."""
+
+    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int):
+        ort = _ort()
+        self.config, self.spec = config, config.spec
+        self.vision, self.embedding, self.decoder = sessions["vision"], sessions["embedding"], sessions["decoder"]
+        self.device_type, self.max_seq_len = device_type, max_seq_len
+        t, dtype = self.spec.text, _NP[config.io_dtype]
+        self.dtype = dtype
+        shape = [1, t.num_kv_heads, max_seq_len, t.head_dim]
+        self.kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0),
+                    ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0))
+                   for _ in range(t.num_layers)]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, t.vocab_size], dtype, "cpu", 0)
+        self.mask = np.ones((1, max_seq_len), np.int64)
+        self.no_image = np.zeros((1, 1, t.hidden_size), dtype)  # image_features for text-only steps
+        self.image_ids = np.array(config.image_token_ids, np.int64)
+
+    @classmethod
+    def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
+             threads: int | None = None) -> "OnnxBackend":
+        """Open the export in ``folder``; ``context_length`` caps the preallocated KV cache."""
+        ort = _ort()
+        config = OnnxConfig.read(folder)
+        chosen = providers(config.target, device)
+        opts = session_options(threads)
+        sessions = {name: ort.InferenceSession(str(path), opts, providers=chosen if name == "vision" else
+                                               [p for p in chosen if p != "TensorrtExecutionProvider"])
+                    for name, path in (("vision", config.vision), ("embedding", config.embedding),
+                                       ("decoder", config.decoder))}
+        device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
+        limit = min(context_length or config.context_length, config.context_length)
+        return cls(config, sessions, device_type, limit)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [1, 3, S, S] → image features [1, N, D] (numpy, the export's I/O dtype)."""
+        return self.vision.run(["image_features"], {"pixel_values": pixels.astype(self.dtype)})[0]
+
+    def _embed(self, ids: list[int], features: np.ndarray):
+        binding = self.embedding.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        binding.bind_cpu_input("image_features", np.ascontiguousarray(features, self.dtype))
+        binding.bind_output("inputs_embeds", self.device_type)
+        self.embedding.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def _run_decoder(self, embeds, total: int) -> np.ndarray:
+        if total > self.max_seq_len:
+            raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
+        binding = self.decoder.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+        for i, (k, v) in enumerate(self.kv):
+            binding.bind_ortvalue_input(PAST_KEY % i, k)
+            binding.bind_ortvalue_input(PAST_VALUE % i, v)
+            binding.bind_ortvalue_output(PRESENT_KEY % i, k)
+            binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
+        binding.bind_ortvalue_output("logits", self.logits)
+        self.decoder.run_with_iobinding(binding)
+        return self.logits.numpy()[0, -1].astype(np.float32)
+
+    def prefill(self, ids: list[int], features: np.ndarray) -> np.ndarray:
+        """Run the prompt from position 0 (image positions take ``features`` in order); logits [V]."""
+        n = int(np.isin(np.asarray(ids), self.image_ids).sum())
+        if n != features.shape[0] * features.shape[1]:
+            raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
+        return self._run_decoder(self._embed(ids, features), len(ids))
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""
+        return self._run_decoder(self._embed([token], self.no_image), position + 1)

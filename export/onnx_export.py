@@ -1,0 +1,116 @@
+"""``edgelmm export --format onnx``: a checkpoint as three ONNX graphs (vision, embedding, decoder) in the
+onnxruntime-genai multimodal layout, plus ``genai_config.json`` (edgelmm/onnx_config.py), the tokenizer and
+processor files, and the ``edgelmm.json`` manifest — written to a temporary folder, renamed when complete.
+
+The decoder's linears are quantized by the GPTQ export's own pipeline (export/gptq_model.py: GPTQ on
+calibration data, or RTN) and repacked into ``MatMulNBits``; ``bits=16`` keeps them as fp ``MatMul``.
+The LM head is quantized to ``lm_head_bits`` (RTN, default 8) unless ``--quantize-lm-head`` puts it through
+the main pipeline; the token embedding table is stored in fp16 by quantized exports.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelmm import __version__
+from edgelmm.api import EdgeLMM
+from edgelmm.errors import ConfigError
+from edgelmm.image import load_image, preprocess
+from edgelmm.manifest import write_manifest
+from edgelmm.onnx_config import (CONFIG_NAME, DECODER_FILE, EMBEDDING_FILE, VISION_FILE, image_token_ids,
+                                 make_genai_config)
+
+from .calibration import calibration_samples
+from .gptq_model import gptq_quantize_model, rtn_quantize_model
+from .gptq_settings import QuantSettings
+from .gptq_writer import copy_side_files
+from .onnx_decoder import build_decoder
+from .onnx_graph import save_model
+from .onnx_vision import build_embedding, build_vision
+from .onnx_weights import Packed, decoder_linears, decoder_norms
+from .quantize import rtn_quantize
+from .staging import check_new, staging
+
+TARGETS = {"cpu": "float32", "cuda": "float16"}
+
+
+def _untie_lm_head(text: nn.Module) -> None:
+    if text.lm_head.weight is text.embed_tokens.weight:
+        text.lm_head.weight = nn.Parameter(text.embed_tokens.weight.detach().clone(), requires_grad=False)
+
+
+@torch.inference_mode()
+def quantize_for_onnx(lm: EdgeLMM, settings: QuantSettings | None, lm_head_bits: int | None = 8,
+                      calibration=None, samples: int = 32, progress: bool = False) -> list[Packed]:
+    """Quantize ``lm``'s torch model in place, leaving in it exactly the weights the export will hold
+    (dequantized linears, fp16-rounded embedding table), so the torch backend can serve as its reference.
+    Returns the packed GPTQ tensors to repack; empty for an unquantized (``settings=None``) export."""
+    if settings is None:
+        return []
+    model = lm.backend.model
+    _untie_lm_head(model.text)
+    if settings.method == "rtn":
+        quantized = rtn_quantize_model(model, settings, progress)
+    else:
+        data = calibration_samples(calibration, samples)
+        pixels = [torch.from_numpy(preprocess(load_image(d.image), lm.spec.image))[None] for d in data]
+        ids = [torch.tensor([lm.prompt_ids(d.prompt)[1]]) for d in data]  # [1, T], image positions marked
+        quantized = gptq_quantize_model(model, pixels, ids, settings, progress)
+    packed = [Packed(quantized.results, settings.bits, settings.checkpoint_format)]
+    if lm_head_bits is not None and not settings.quantize_lm_head:
+        head = model.text.lm_head
+        result = rtn_quantize(head.weight.detach().float(), lm_head_bits, settings.group_size, True)
+        head.weight.data.copy_(result.dequantize())
+        packed.append(Packed({"text.lm_head": result.pack(lm_head_bits, "gptq")}, lm_head_bits, "gptq"))
+    table = model.text.embed_tokens.weight
+    table.data.copy_(table.to(torch.float16).float())  # the export stores the table in fp16
+    return packed
+
+
+def quantization_info(settings: QuantSettings | None, lm_head_bits: int | None, accuracy_level: int) -> dict:
+    """What the config and manifest record about the export's quantization."""
+    if settings is None:
+        return {"bits": 16, "method": None}
+    head = settings.bits if settings.quantize_lm_head else lm_head_bits or 16
+    return {**settings.as_dict(), "block_size": settings.group_size, "lm_head_bits": head,
+            "accuracy_level": accuracy_level, "embedding_dtype": "float16"}
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings | None, target: str = "cpu",
+                accuracy_level: int | None = None, lm_head_bits: int | None = 8, calibration=None,
+                samples: int = 32, progress: bool = True) -> Path:
+    """Export the checkpoint folder ``model_dir`` to the new folder ``out`` (layout in the module docstring).
+
+    ``settings`` None means unquantized (``--bits 16``). ``target`` "cpu" writes fp32 graphs, "cuda" fp16.
+    ``accuracy_level`` is MatMulNBits' compute type (default 4 = int8 on CPU, 0 on CUDA)."""
+    if target not in TARGETS:
+        raise ConfigError(f"--target must be one of {sorted(TARGETS)}, got {target!r}")
+    dtype = TARGETS[target]
+    level = accuracy_level if accuracy_level is not None else (4 if target == "cpu" else 0)
+    start = time.perf_counter()
+    out, source = check_new(out), Path(model_dir).expanduser()
+    with staging(out) as tmp:
+        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32)
+        spec, model = lm.spec, lm.backend.model
+        packed = quantize_for_onnx(lm, settings, lm_head_bits, calibration, samples, progress)
+        save_model(build_vision(model, packed, dtype), tmp / VISION_FILE)
+        table = "float16" if packed else dtype
+        save_model(build_embedding(model, image_token_ids(spec), table, dtype), tmp / EMBEDDING_FILE)
+        decoder = build_decoder(spec.text, decoder_linears(model.text, packed), decoder_norms(model.text), dtype, level)
+        del lm, model
+        save_model(decoder, tmp / DECODER_FILE)
+        del decoder
+        info = quantization_info(settings, lm_head_bits, level)
+        (tmp / CONFIG_NAME).write_text(json.dumps(make_genai_config(spec, target, dtype, info), indent=2) + "\n")
+        copy_side_files(source, tmp, keep_config=True)  # tokenizer, processor, generation and model configs
+        write_manifest(tmp, {"family": spec.family, "template": spec.template, "backend": "onnx",
+                             "image_tokens": spec.vision.num_image_tokens, "source": source.name,
+                             "exporter": f"edgelmm {__version__}", "target": target, "quantization": info})
+    if progress:
+        print(f"wrote {out} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return out
