@@ -39,14 +39,17 @@ class EdgeLMM:
             self.stop_ids.add(tokenizer.eos_token_id)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None) -> "EdgeLMM":
+    def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None,
+             max_memory=None) -> "EdgeLMM":
         """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
         description ``.json`` naming its released pieces (see ``edgelmm.tinygptv``), offline.
 
         An ``edgelmm export --format onnx`` folder runs on onnxruntime (``dtype`` and ``vision_tower`` unused).
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to fp16 on CUDA and fp32 on CPU.
         ``vision_tower`` points legacy TinyLLaVA at its separate SigLIP folder when it is not found beside
-        the checkpoint. ``context_length`` caps the preallocated KV cache (default: the model's context)."""
+        the checkpoint. ``context_length`` caps the preallocated KV cache (default: the model's context).
+        ``max_memory`` (e.g. ``"8GB"``) makes loading refuse up front, with the memory plan in the
+        MemoryBudgetError, a model that cannot fit instead of running out of memory mid-answer."""
         folder = Path(path).expanduser()
         if folder.suffix == ".json" and folder.is_file():  # a description file naming released pieces (TinyGPT-V)
             from .tinygptv import load_tinygptv
@@ -61,7 +64,7 @@ class EdgeLMM:
             return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)
         from .backend_torch import TorchBackend
 
-        backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length)
+        backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length, max_memory)
         return cls(backend, Tokenizer.from_dir(folder), folder)
 
     def prompt_ids(self, prompt: str) -> tuple[str, list[int]]:

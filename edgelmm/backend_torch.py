@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, MemoryBudgetError
 from .families import detect
 from .gptq_load import read_gptq_config, use_quant_linears
 from .kv_cache import KVCache
@@ -41,7 +41,7 @@ class TorchBackend:
 
     @classmethod
     def load(cls, folder: Path, device=None, dtype=None, vision_tower=None,
-             context_length: int | None = None) -> "TorchBackend":
+             context_length: int | None = None, max_memory=None) -> "TorchBackend":
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         files = WeightFiles(folder)
@@ -52,6 +52,8 @@ class TorchBackend:
             spec.text.vocab_size = files.shape(embed_key)[0]
         with torch.device("meta"):
             model = VLM(spec)
+        if max_memory is not None:
+            check_budget(model, spec, dtype, context_length, max_memory)
         sources = [(files, spec.key_rules)]
         if spec.vision_dir is not None:
             sources.append((WeightFiles(spec.vision_dir), spec.vision_key_rules))
@@ -91,6 +93,20 @@ class TorchBackend:
         """Logits [T, V] at every prompt position (for tests and quality measurements)."""
         embeds = self.model.splice(torch.tensor([ids], device=self.device), features)
         return self.model.text(embeds, self.cache, start=0, last_only=False)[0]
+
+
+def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length: int | None, max_memory) -> None:
+    """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB")."""
+    from .plan import PlanSettings, parse_size, plan_memory, vision_size
+
+    size = torch.empty((), dtype=dtype).element_size()
+    context = min(context_length or spec.context_length, spec.text.max_position_embeddings)
+    settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context)
+    plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, parse_size(max_memory))
+    if not plan.fits:
+        raise MemoryBudgetError(f"this model needs about {plan.total / 1e9:.2f} GB but max_memory is "
+                                f"{plan.budget / 1e9:.2f} GB:\n{plan.table()}\nUse a quantized export "
+                                "(edgelmm export --bits 4), a smaller dtype, or a shorter context_length.")
 
 
 def new_cache(spec: ModelSpec, context_length: int | None, dtype: torch.dtype, device: torch.device) -> KVCache:

@@ -64,6 +64,18 @@ def cmd_demo(args) -> None:
         _print_timings(result.timings, len(result.token_ids))
 
 
+def cmd_plan(args) -> None:
+    import json
+
+    from .plan import PlanSettings, parse_size, plan_for
+
+    settings = PlanSettings(bits=args.bits, group_size=args.group_size, kv_bits=8 if args.kv == "int8" else 16,
+                            context=args.context, quantize_vision=args.quantize_vision,
+                            quantize_lm_head=args.quantize_lm_head, overhead=parse_size(args.overhead))
+    plan = plan_for(args.model, settings, parse_size(args.memory) if args.memory else None)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else f"{args.model}:\n{plan.table()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tiny import FAMILIES
 
@@ -85,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--llm", choices=("phi", "llama", "gemma", "qwen2"), default="phi",
                       help="TinyLLaVA Factory language model")
     tiny.set_defaults(func=cmd_make_tiny)
+    plan = sub.add_parser("plan", help="memory budget per part, and whether it fits")
+    plan.add_argument("model", help="checkpoint folder, or a full-size shape: tinyllava-phi2-siglip-3.1b, "
+                      "mipha-3b, llava-gemma-2b, tiny-llava-1.1b, tinygpt-v")
+    plan.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="LLM weight bits (16: fp16)")
+    plan.add_argument("--group-size", type=int, default=128)
+    plan.add_argument("--kv", choices=("fp16", "int8"), default="fp16")
+    plan.add_argument("--context", type=int, default=2048)
+    plan.add_argument("--memory", help="budget, e.g. 8GB")
+    plan.add_argument("--overhead", default="0", help="runtime context to add, e.g. 300MB for a CUDA context")
+    plan.add_argument("--quantize-vision", action="store_true")
+    plan.add_argument("--quantize-lm-head", action="store_true")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser("demo", help="make a tiny model and ask it about a synthetic image, offline")
     demo.add_argument("--family", choices=FAMILIES, default="tinyllava")
     demo.add_argument("--max-new-tokens", type=int, default=16)

@@ -39,3 +39,7 @@ class ConfigError(EdgeLMMError, ValueError):
 
 class QuantizationError(EdgeLMMError):
     """A layer cannot be quantized (e.g. its Hessian stays non-positive-definite at the largest damp)."""
+
+
+class MemoryBudgetError(EdgeLMMError):
+    """The model, at the requested precision and context, cannot fit the given memory budget."""

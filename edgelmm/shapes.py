@@ -47,8 +47,12 @@ FACTORY_LLMS = {"phi": ("microsoft/phi-2", "phi2"), "llama": ("TinyLlama/TinyLla
 
 # Named full-size shapes: (family, Factory LLM, vocabulary size)
 SHAPES = {"tinyllava-phi2-siglip-3.1b": ("tinyllava", "phi", 51200), "mipha-3b": ("mipha", "phi", 51200),
-          "tinyllava-3.1b-legacy": ("tinyllava-legacy", "phi", 51200),
           "llava-gemma-2b": ("llava-gemma", "phi", 256000), "tiny-llava-1.1b": ("tiny-llava-hf", "phi", 32064)}
+
+# Hub names of the released checkpoints → their shapes, so `edgelmm plan Mipha-3B` works with nothing on disk
+SHAPE_ALIASES = {"tinyllava-phi-2-siglip-3.1b": "tinyllava-phi2-siglip-3.1b", "tinyllava-3.1b": "tinyllava-phi2-siglip-3.1b",
+                 "mipha-3b": "mipha-3b", "llava-gemma-2b": "llava-gemma-2b", "tiny-llava-v1-hf": "tiny-llava-1.1b",
+                 "tinygpt-v": "tinygpt-v", **{name: name for name in SHAPES}}
 
 SIGLIP_PROCESSOR = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
                     "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
