@@ -56,28 +56,57 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     return opts
 
 
-class OnnxBackend:
-    """Three onnxruntime sessions, the KV buffers and the current device; implements generate.Backend."""
+class KVDecoder:
+    """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
+    past and present) and logits output; ``run`` feeds embeddings at the next positions."""
 
-    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int):
+    def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu"):
         ort = _ort()
-        self.config, self.spec = config, config.spec
-        self.vision, self.embedding, self.decoder = sessions["vision"], sessions["embedding"], sessions["decoder"]
-        self.device_type, self.max_seq_len = device_type, max_seq_len
-        t, dtype = self.spec.text, _NP[config.io_dtype]
-        self.dtype = dtype
-        shape = [1, t.num_kv_heads, max_seq_len, t.head_dim]
+        self.session, self.max_seq_len, self.device_type = session, max_seq_len, device_type
+        shape = [1, text.num_kv_heads, max_seq_len, text.head_dim]
         self.kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0),
                     ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0))
-                   for _ in range(t.num_layers)]
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, t.vocab_size], dtype, "cpu", 0)
+                   for _ in range(text.num_layers)]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, text.vocab_size], dtype, "cpu", 0)
         self.mask = np.ones((1, max_seq_len), np.int64)
-        self.no_image = np.zeros((1, 1, t.hidden_size), dtype)  # image_features for text-only steps
+
+    def run(self, embeds, total: int) -> np.ndarray:
+        """Run ``embeds`` (an OrtValue or numpy array [1, S, D]) as positions total-S..total-1; the cache must
+        hold positions 0..total-S-1. Returns the last position's logits [V] as float32."""
+        if total > self.max_seq_len:
+            raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
+        binding = self.session.io_binding()
+        if isinstance(embeds, np.ndarray):
+            binding.bind_cpu_input("inputs_embeds", embeds)
+        else:
+            binding.bind_ortvalue_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+        for i, (k, v) in enumerate(self.kv):
+            binding.bind_ortvalue_input(PAST_KEY % i, k)
+            binding.bind_ortvalue_input(PAST_VALUE % i, v)
+            binding.bind_ortvalue_output(PRESENT_KEY % i, k)
+            binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
+        binding.bind_ortvalue_output("logits", self.logits)
+        self.session.run_with_iobinding(binding)
+        return self.logits.numpy()[0, -1].astype(np.float32)
+
+
+class OnnxBackend:
+    """Three onnxruntime sessions and the KV decoder; implements generate.Backend."""
+
+    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int):
+        self.config, self.spec = config, config.spec
+        self.vision, self.embedding = sessions["vision"], sessions["embedding"]
+        self.device_type, self.max_seq_len = device_type, max_seq_len
+        t = self.spec.text
+        self.dtype = _NP[config.io_dtype]
+        self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type)
+        self.no_image = np.zeros((1, 1, t.hidden_size), self.dtype)  # image_features for text-only steps
         self.image_ids = np.array(config.image_token_ids, np.int64)
 
     @classmethod
     def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
-             threads: int | None = None) -> "OnnxBackend":
+             threads: int | None = None) -> OnnxBackend:
         """Open the export in ``folder``; ``context_length`` caps the preallocated KV cache."""
         ort = _ort()
         config = OnnxConfig.read(folder)
@@ -103,28 +132,13 @@ class OnnxBackend:
         self.embedding.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
-    def _run_decoder(self, embeds, total: int) -> np.ndarray:
-        if total > self.max_seq_len:
-            raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
-        binding = self.decoder.io_binding()
-        binding.bind_ortvalue_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("attention_mask", self.mask[:, :total])
-        for i, (k, v) in enumerate(self.kv):
-            binding.bind_ortvalue_input(PAST_KEY % i, k)
-            binding.bind_ortvalue_input(PAST_VALUE % i, v)
-            binding.bind_ortvalue_output(PRESENT_KEY % i, k)
-            binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
-        binding.bind_ortvalue_output("logits", self.logits)
-        self.decoder.run_with_iobinding(binding)
-        return self.logits.numpy()[0, -1].astype(np.float32)
-
     def prefill(self, ids: list[int], features: np.ndarray) -> np.ndarray:
         """Run the prompt from position 0 (image positions take ``features`` in order); logits [V]."""
         n = int(np.isin(np.asarray(ids), self.image_ids).sum())
         if n != features.shape[0] * features.shape[1]:
             raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
-        return self._run_decoder(self._embed(ids, features), len(ids))
+        return self.decoder.run(self._embed(ids, features), len(ids))
 
     def decode(self, token: int, position: int) -> np.ndarray:
         """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""
-        return self._run_decoder(self._embed([token], self.no_image), position + 1)
+        return self.decoder.run(self._embed([token], self.no_image), position + 1)

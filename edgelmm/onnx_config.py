@@ -105,7 +105,7 @@ class OnnxConfig:
     quantization: dict
 
     @classmethod
-    def read(cls, folder: Path) -> "OnnxConfig":
+    def read(cls, folder: Path) -> OnnxConfig:
         """Parse ``folder/genai_config.json``; CheckpointError when it is missing or malformed."""
         path = Path(folder) / CONFIG_NAME
         try:

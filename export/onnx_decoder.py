@@ -26,6 +26,7 @@ from edgelmm.onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 
+
 def fused_rotary(cfg: TextConfig) -> bool:
     """Whether GroupQueryAttention's own rotary (do_rotary) supports this model's rotary width."""
     half = cfg.rotary_dim // 2

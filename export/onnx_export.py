@@ -22,8 +22,14 @@ from edgelmm.api import EdgeLMM
 from edgelmm.errors import ConfigError
 from edgelmm.image import load_image, preprocess
 from edgelmm.manifest import write_manifest
-from edgelmm.onnx_config import (CONFIG_NAME, DECODER_FILE, EMBEDDING_FILE, VISION_FILE, image_token_ids,
-                                 make_genai_config)
+from edgelmm.onnx_config import (
+    CONFIG_NAME,
+    DECODER_FILE,
+    EMBEDDING_FILE,
+    VISION_FILE,
+    image_token_ids,
+    make_genai_config,
+)
 
 from .calibration import calibration_samples
 from .gptq_model import gptq_quantize_model, rtn_quantize_model

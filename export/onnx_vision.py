@@ -63,8 +63,6 @@ def _layer_norm(g: GraphBuilder, x: str, norm: nn.Module, name: str) -> str:
 
 
 def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg, packed: list[Packed]) -> str:
-    attn, mlp = layer.self_attn, layer.mlp
-
     def lin(module_name: str) -> Linear:
         return linear_from(layer.get_submodule(module_name), f"{name}.{module_name}", packed)
 

@@ -24,8 +24,10 @@ __all__ = ["HAS_TRITON", "check", "check_tensor", "next_power_of_2", "require_tr
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8"}
 
 
-def require_triton(device: torch.device) -> None:
-    """Fail clearly unless triton is installed and can run on ``device`` (CUDA, or CPU when interpreting)."""
+def require_triton(x: torch.Tensor) -> None:
+    """Fail clearly unless triton is installed and can run on ``x``'s device (CUDA, or CPU when
+    interpreting) and dtype (bf16 runs on the torch references only)."""
+    device = x.device
     if not HAS_TRITON:
         raise ModuleNotFoundError(
             "triton is not installed; install edgelmm[triton] or use the torch reference "
@@ -34,6 +36,7 @@ def require_triton(device: torch.device) -> None:
     if device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"triton kernels need CUDA tensors (got {device}); "
                          "CPU tensors need TRITON_INTERPRET=1")
+    check(x.dtype != torch.bfloat16, "the Triton kernels take fp16 or fp32; load the model with dtype=float16")
 
 
 def check(cond: bool, message: str) -> None:
@@ -48,6 +51,8 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
     check(t.dim() == len(shape), f"{name} must have {len(shape)} dims {shape}, got shape {tuple(t.shape)}")
     for i, (got, want) in enumerate(zip(t.shape, shape)):
         check(want is None or got == want, f"{name} dim {i} must be {want}, got shape {tuple(t.shape)}")
+    if torch.float16 in dtypes:  # the torch references also take bf16 (CPU inference); see require_triton
+        dtypes = (*dtypes, torch.bfloat16)
     names = [DTYPE_NAMES.get(d, d) for d in dtypes]
     check(t.dtype in dtypes, f"{name} dtype must be one of {names}, got {t.dtype}")
     check(t.device == device, f"{name} is on {t.device}, expected {device}")

@@ -166,7 +166,7 @@ def decode_attention_triton(
     workspace; num_splits is read from their shape (pick it so B * Hkv * num_splits fills the GPU).
     Accumulation is fp32; on a GPU fp32 inputs use TF32 tensor cores.
     """
-    require_triton(q.device)
+    require_triton(q)
     kv_int8 = _check_args(q, k_cache, v_cache, kv_lens, out, k_scale, v_scale)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -1,6 +1,7 @@
-"""Choose the kernel implementations once per process/model: Triton on CUDA, the torch reference elsewhere.
+"""Choose the kernel implementations once per process/model: Triton on CUDA, PyTorch's own fused ops
+(``native.py``) elsewhere.
 
-``EDGELMM_KERNELS=torch|triton`` overrides the choice. Triton on CPU tensors runs only under the
+``EDGELMM_KERNELS=torch|triton|reference`` overrides the choice (``reference``: the plain fp32 oracles). Triton on CPU tensors runs only under the
 interpreter (``TRITON_INTERPRET=1``, for tests). triton is imported here only when the Triton path is chosen.
 """
 
@@ -37,7 +38,7 @@ class KernelOps:
       rotary(x, cos, sin, out, rotary_dim)
     """
 
-    backend: str  # "triton" or "torch"
+    backend: str  # "triton", "torch" (native.py) or "reference"
     prefill_attention: Callable
     decode_attention: Callable
     gptq_matmul: Callable
@@ -48,10 +49,10 @@ class KernelOps:
 
 def _choose_backend(device: torch.device) -> str:
     override = os.environ.get("EDGELMM_KERNELS", "").strip().lower()
-    if override not in ("", "torch", "triton"):
-        raise ConfigError(f"EDGELMM_KERNELS must be 'torch' or 'triton', got {override!r}")
-    if override == "torch":
-        return "torch"
+    if override not in ("", "torch", "triton", "reference"):
+        raise ConfigError(f"EDGELMM_KERNELS must be 'torch', 'triton' or 'reference', got {override!r}")
+    if override in ("torch", "reference"):
+        return override
     has_triton = importlib.util.find_spec("triton") is not None
     if override == "triton":
         if not has_triton:
@@ -67,8 +68,11 @@ def _choose_backend(device: torch.device) -> str:
 def load_ops(device: torch.device | str) -> KernelOps:
     """Bind every op for ``device`` once (call when a model loads, keep the result)."""
     backend = _choose_backend(torch.device(device))
-    suffix = "_triton" if backend == "triton" else "_ref"
     ops = {}
     for field, (module, stem) in _OPS.items():
-        ops[field] = getattr(importlib.import_module(f"{__package__}.{module}"), stem + suffix)
+        if backend == "torch":
+            ops[field] = getattr(importlib.import_module(f"{__package__}.native"), stem + "_native")
+        else:
+            suffix = "_triton" if backend == "triton" else "_ref"
+            ops[field] = getattr(importlib.import_module(f"{__package__}.{module}"), stem + suffix)
     return KernelOps(backend=backend, **ops)

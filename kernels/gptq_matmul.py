@@ -118,7 +118,7 @@ def gptq_matmul_triton(
     ``checkpoint_format == "gptq"`` (stored zero - 1), False for ``"gptq_v2"``. M = 1 takes the GEMV path.
     Accumulation is fp32; the GEMM path feeds the dot x's dtype (fp16, or TF32 for fp32 on a GPU).
     """
-    require_triton(x.device)
+    require_triton(x)
     _check_args(x, qweight, qzeros, scales, g_idx, bias, out, bits, group_size)
     m, k = x.shape
     n = qweight.shape[1]

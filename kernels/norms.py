@@ -74,7 +74,7 @@ def _prepare(x, weight, bias, out, residual, residual_out):
 
 
 def _launch(x, weight, bias, out, eps, residual, residual_out, is_rms, weight_offset):
-    require_triton(x.device)
+    require_triton(x)
     x2, out2, r2, ro2 = _prepare(x, weight, bias, out, residual, residual_out)
     n = x2.shape[1]
     block_n = max(1024, next_power_of_2(n))  # 1024, 2048, 4096 or 8192

@@ -109,7 +109,7 @@ def prefill_attention_triton(
     ``causal`` masks bottom-right aligned (query i sees keys <= i + S_kv - S_q) and needs S_q <= S_kv.
     Accumulation is fp32; on a GPU fp32 inputs use TF32 tensor cores.
     """
-    require_triton(q.device)
+    require_triton(q)
     _check_args(q, k, v, out, causal)
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_kv = k.shape[1], k.shape[2]

@@ -73,7 +73,7 @@ def rotary_triton(
     x, out: [B, H, S, D] fp16/fp32 (strided views fine, last dim contiguous); cos, sin: [B, S, rotary_dim]
     in x's dtype or fp32 (expand a [1, S, r] table over B with stride 0). D <= 256; math in fp32.
     """
-    require_triton(x.device)
+    require_triton(x)
     _check_args(x, cos, sin, out, rotary_dim)
     batch, num_heads, seq_len, head_dim = x.shape
     block_d = max(64, next_power_of_2(head_dim))

@@ -39,7 +39,7 @@ def test_cached_logits_equal_recomputed_logits(model):
         whole = model.backend.model.text(embeds, KVCache(t.num_layers, t.num_kv_heads, t.head_dim, 64), 0, last_only=False)
         cache = KVCache(t.num_layers, t.num_kv_heads, t.head_dim, 64)
         parts = [model.backend.model.text(embeds[:, a:b], cache, a, last_only=False) for a, b in ((0, 25), (25, 26), (26, 40))]
-    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_is_seeded_and_varies(model):

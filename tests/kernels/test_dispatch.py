@@ -49,6 +49,7 @@ except ModuleNotFoundError as e:
     ("torch", "cpu", "torch"),
     ("triton", "cpu", "triton"),  # allowed because conftest set TRITON_INTERPRET=1
     ("torch", "cuda", "torch"),
+    ("reference", "cpu", "reference"),
 ])
 def test_load_ops_backend(monkeypatch, env, device, expected):
     pytest.importorskip("triton")
@@ -58,10 +59,11 @@ def test_load_ops_backend(monkeypatch, env, device, expected):
         monkeypatch.setenv("EDGELMM_KERNELS", env)
     ops = load_ops(device)
     assert isinstance(ops, KernelOps) and ops.backend == expected
-    suffix = "_triton" if expected == "triton" else "_ref"
+    suffix = {"triton": "_triton", "reference": "_ref", "torch": "_native"}[expected]
     for field, (module, stem) in _OPS.items():
         fn = getattr(ops, field)
-        assert fn.__name__ == stem + suffix and fn.__module__ == f"edgelmm.kernels.{module}"
+        home = "native" if expected == "torch" else module
+        assert fn.__name__ == stem + suffix and fn.__module__ == f"edgelmm.kernels.{home}"
 
 
 def test_load_ops_default_is_triton_on_cuda(monkeypatch):
@@ -81,11 +83,14 @@ def test_load_ops_rejects_bad_overrides(monkeypatch):
 
 
 @pytest.mark.parametrize("field", list(_OPS))
-def test_triton_and_reference_signatures_match(field):
+def test_every_backend_has_the_same_signature(field):
     pytest.importorskip("triton")
-    triton_fn = getattr(load_ops_for("triton"), field)
-    ref_fn = getattr(load_ops_for("torch"), field)
-    assert inspect.signature(triton_fn) == inspect.signature(ref_fn)
+
+    def params(backend):
+        sig = inspect.signature(getattr(load_ops_for(backend), field))
+        return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+    assert params("triton") == params("reference") == params("torch")
 
 
 def load_ops_for(backend: str) -> KernelOps:

@@ -1,0 +1,194 @@
+"""ONNX export and the onnxruntime backend against the torch backend, for every family: graphs pass
+onnx.checker, the unquantized export's logits match, the 4-bit export's greedy tokens match the torch model
+holding the same quantized weights, and the ONNX path runs without torch."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from reference import sample_image
+
+from edgelmm import EdgeLMM
+from edgelmm.cli import main as cli_main
+from edgelmm.config import TextConfig
+from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
+from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
+from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
+from edgelmm.kv_cache import KVCache
+from edgelmm.manifest import read_manifest
+from edgelmm.models.layers import bind_kernels
+from edgelmm.models.text import TextModel
+from edgelmm.onnx_config import CONFIG_NAME
+from edgelmm.shapes import TINY
+
+CASES = ([(f, "old", "phi") for f in ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")]
+         + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")])
+QUESTION = "What is in the picture?"
+STEPS = 12
+RTN4 = QuantSettings(bits=4, group_size=32, method="rtn")
+GRAPHS = ("vision.onnx", "embedding.onnx", "decoder.onnx")
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """exports(family, layout, llm, bits) -> (export folder, torch reference EdgeLMM with the same weights)."""
+    root, made = tmp_path_factory.mktemp("onnx"), {}
+
+    def get(family, layout, llm, bits):
+        key = (family, layout, llm, bits)
+        if key not in made:
+            src = tiny_checkpoint(family, layout, llm)
+            settings = None if bits == 16 else RTN4
+            out = export_onnx(src, root / "-".join(map(str, key)), settings, accuracy_level=0, progress=False)
+            ref = EdgeLMM.load(src, device="cpu", dtype=torch.float32)
+            quantize_for_onnx(ref, settings)
+            made[key] = out, ref
+        return made[key]
+
+    return get
+
+
+def _ops(folder: Path, graph: str) -> set[str]:
+    return {n.op_type for n in onnx.load(str(folder / graph)).graph.node}
+
+
+@pytest.mark.parametrize("family,layout,llm", CASES)
+def test_unquantized_export_logits_match_torch(exports, family, layout, llm):
+    out, ref = exports(family, layout, llm, 16)
+    model = EdgeLMM.load(out)
+    assert type(model.backend).__name__ == "OnnxBackend"
+    image = sample_image()
+    _, ids = model.prompt_ids(QUESTION)
+    assert ids == ref.prompt_ids(QUESTION)[1]
+    features = model.backend.encode_image(model.pixels(image))
+    ref_features = ref.backend.encode_image(ref.pixels(image))
+    assert np.abs(features - ref_features.numpy()).max() / ref_features.abs().max() < 1e-4
+    ours, theirs = model.backend.prefill(ids, features), ref.backend.prefill(ids, ref_features)
+    token = int(theirs.argmax())
+    for position in (len(ids), len(ids) + 1):  # the prompt, then two cached decode steps
+        scale = np.abs(theirs).max()
+        assert np.abs(ours - theirs).max() / scale < 1e-4, position
+        ours, theirs = model.backend.decode(token, position), ref.backend.decode(token, position)
+
+
+@pytest.mark.parametrize("family,layout,llm", CASES)
+def test_4bit_export_greedy_tokens_match_torch_with_same_weights(exports, family, layout, llm):
+    out, ref = exports(family, layout, llm, 4)
+    for graph in GRAPHS:
+        onnx.checker.check_model(str(out / graph))
+    decoder_ops = _ops(out, "decoder.onnx")
+    assert {"MatMulNBits", "GroupQueryAttention"} <= decoder_ops and "MatMul" not in decoder_ops
+    norm = "SkipLayerNormalization" if ref.spec.text.arch == "phi" else "SkipSimplifiedLayerNormalization"
+    assert norm in decoder_ops
+    model = EdgeLMM.load(out)
+    image = sample_image()
+    ours = model.generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
+    theirs = ref.generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
+    assert len(theirs) > 1 and ours == theirs
+
+
+def test_export_folder_config_and_manifest(exports):
+    out, _ = exports("tinyllava", "old", "phi", 4)
+    manifest = read_manifest(out)
+    assert manifest["backend"] == "onnx" and manifest["quantization"]["bits"] == 4
+    assert set(GRAPHS) | {CONFIG_NAME, "config.json"} <= set(manifest["files"])
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert not list(out.parent.glob(".*partial*"))  # written to a temp folder, then renamed
+
+
+def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
+    """The CPU default (MatMulNBits accuracy_level 4: int8 activations) stays near the exact result."""
+    src = tiny_checkpoint("tinyllava", "old", "llama")
+    out = export_onnx(src, tmp_path / "acc4", RTN4, progress=False)
+    assert {a.i for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "accuracy_level"} == {4}
+    model, ref = EdgeLMM.load(out), EdgeLMM.load(src, device="cpu", dtype=torch.float32)
+    quantize_for_onnx(ref, RTN4)
+    image, (_, ids) = sample_image(), model.prompt_ids(QUESTION)
+    ours = model.backend.prefill(ids, model.backend.encode_image(model.pixels(image)))
+    theirs = ref.backend.prefill(ids, ref.backend.encode_image(ref.pixels(image)))
+    cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
+    assert cos > 0.99 and int(ours.argmax()) == int(theirs.argmax())
+
+
+def test_unfused_partial_rotary_matches_torch():
+    """Rotary widths GroupQueryAttention cannot fuse (rotary_dim/2 not a multiple of 8) go through
+    RotaryEmbedding on the rotary slice; cached decode steps still match the torch model."""
+    import onnxruntime as ort
+
+    cfg = TextConfig.from_hf({**TINY["phi"], "vocab_size": 64, "hidden_size": 64, "num_attention_heads": 4}, "phi")
+    assert cfg.rotary_dim == 6 and not fused_rotary(cfg)
+    torch.manual_seed(0)
+    text = TextModel(cfg).eval()
+    bind_kernels(text, "cpu")
+    graph = build_decoder(cfg, decoder_linears(text, []), decoder_norms(text))
+    assert "RotaryEmbedding" in {n.op_type for n in graph.graph.node}
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    embeds = torch.randn(1, 7, cfg.hidden_size)
+    with torch.no_grad():
+        ref = text(embeds, KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8), 0, last_only=False)[0]
+    empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    past = {f"past_key_values.{i}.{kv}": empty for i in range(cfg.num_layers) for kv in ("key", "value")}
+    for start, end in ((0, 5), (5, 6), (6, 7)):
+        feed = {"inputs_embeds": embeds[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64), **past}
+        result = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        assert np.abs(result["logits"][0, -1] - ref[end - 1].numpy()).max() / ref.abs().max() < 1e-4
+        past = {k: result[k.replace("past_key_values", "present")] for k in past}
+
+
+def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path):
+    src, out = tiny_checkpoint("llava-gemma"), tmp_path / "cli-onnx"
+    assert cli_main(["export", str(src), "--format", "onnx", "--bits", "4", "--method", "rtn", "--block-size", "32",
+                     "-o", str(out), "--quiet"]) == 0
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from edgelmm import EdgeLMM
+        image = (np.arange(64 * 64 * 3) % 255).astype(np.uint8).reshape(64, 64, 3)
+        model = EdgeLMM.load({str(out)!r})
+        result = model.generate(image, "What is in the picture?", max_new_tokens=4)
+        assert type(model.backend).__name__ == "OnnxBackend"
+        assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+        print("tokens", len(result.token_ids))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("tokens")
+
+
+def test_cuda_target_graphs_are_fp16(tiny_checkpoint, tmp_path):
+    out = export_onnx(tiny_checkpoint("tinyllava", "old", "qwen2"), tmp_path / "cuda", RTN4, target="cuda",
+                      progress=False)
+    for graph in GRAPHS:
+        onnx.checker.check_model(str(out / graph))
+    decoder = onnx.load(str(out / "decoder.onnx")).graph
+    assert decoder.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert json.loads((out / CONFIG_NAME).read_text())["edgelmm"]["io_dtype"] == "float16"
+
+
+def test_benchmark_runs_on_tiny_shape(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_decode.py"
+    proc = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--prompt-tokens", "32",
+                           "--new-tokens", "8", "--model-dir", str(tmp_path)], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for field in ("decode_tok_s", "ttft_s", "peak_rss_gb", "weights_gb", "bandwidth_gbs_before", "profile"):
+        assert field in result
+    assert result["decode_tok_s"] > 0 and result["profile"]["decode"]["ops"]
