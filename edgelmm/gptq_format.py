@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError
+from edgelmm.models.layers import UsesKernels
 
 SUPPORTED_BITS = (4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -151,8 +152,10 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
-class QuantLinear(nn.Module):
-    """A linear layer stored in the standard GPTQ layout; CPU forward = dequantize, then ``F.linear``.
+class QuantLinear(UsesKernels):
+    """A linear layer stored in the standard GPTQ layout. Once the model binds its kernels, forward runs
+    ``gptq_matmul`` (the fused Triton dequant-matmul on CUDA, dequantize-then-matmul on CPU); unbound, it
+    dequantizes and calls ``F.linear``.
 
     Buffers: ``qweight`` int32 ``[K*bits/32, N]``, ``qzeros`` int32 ``[G, N*bits/32]``, ``scales`` fp16
     ``[G, N]``, ``g_idx`` int32 ``[K]`` and, with ``bias=True``, ``bias`` fp16 ``[N]``. Nothing derived is
@@ -207,9 +210,23 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K] -> [..., N]``: ``x @ W.T + bias`` in ``x``'s dtype."""
-        weight = self.dequantize().to(x.dtype)  # [N, K]
-        bias = None if self.bias is None else self.bias.to(x.dtype)  # [N]
-        return F.linear(x, weight, bias)
+        if self.ops is None:
+            weight = self.dequantize().to(x.dtype)  # [N, K]
+            bias = None if self.bias is None else self.bias.to(x.dtype)  # [N]
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype, device=x.device)  # (M, N)
+        self.ops.gptq_matmul(rows, self.qweight, self.qzeros, self.scales.to(x.dtype), self._g_idx_arg(),
+                             None if self.bias is None else self.bias.to(x.dtype), out, bits=self.bits,
+                             group_size=self.group_size, zero_v1=self.checkpoint_format == "gptq")
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _g_idx_arg(self) -> torch.Tensor | None:
+        """None when g_idx is the trivial ``i // group_size`` (the kernels' faster path); decided once."""
+        if not hasattr(self, "_trivial_g_idx"):
+            group = self.in_features if self.group_size == -1 else self.group_size
+            self._trivial_g_idx = torch.equal(self.g_idx.long().cpu(), torch.arange(self.in_features) // group)
+        return None if self._trivial_g_idx else self.g_idx
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -54,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
     """Add ``export`` to the ``edgelmm`` subcommands ``sub``."""
-    p = sub.add_parser("export", help="export a checkpoint as a quantized checkpoint (GPTQ)",
+    p = sub.add_parser("export", help="export a checkpoint as a quantized checkpoint (GPTQ) or ONNX graphs",
                        description="Export MODEL to the new folder OUT (written to a temporary folder beside it "
                                    "and renamed when complete; an existing OUT is never overwritten).")
     p.add_argument("model", help="checkpoint folder")

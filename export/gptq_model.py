@@ -135,11 +135,12 @@ def _quantize_linears(linears: dict[str, nn.Linear], hooks: HessianHooks | None,
                       out: QuantizedModel) -> None:
     for name, linear in linears.items():
         w = linear.weight.detach()  # [N, K]
-        if hooks is None:
+        gptq = hooks.gptq.get(name) if hooks is not None else None
+        if gptq is None:  # RTN, or a linear the calibration forward never reached
             result = rtn_quantize(w, s.bits, s.group_size, s.sym)
         else:
-            result = hooks.gptq[name].quantize(w, s.bits, s.group_size, s.sym, act_order=s.act_order,
-                                               static_groups=s.act_order, damp=s.damp)
+            result = gptq.quantize(w, s.bits, s.group_size, s.sym, act_order=s.act_order,
+                                   static_groups=s.act_order, damp=s.damp)
             out.max_damp = max(out.max_damp, result.damp)
         out.results[name] = result.pack(s.bits, s.checkpoint_format)
         _swap(linear, result)

@@ -71,6 +71,7 @@ def write_weights(files: WeightFiles, rules, results: Packed, dest: Path, shard_
     final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
     for tmp, name in zip(names, final):
         (dest / tmp).rename(dest / name)
+        (dest / name).chmod(0o644)  # safetensors creates files owner-only; an export is meant to be shared
     index = {"metadata": {"total_size": total},
              "weight_map": {k: final[i] for k, i in sorted(weight_of.items())}}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -5,7 +5,7 @@ Checked against the references in tests/kernels/test_native.py."""
 import torch
 import torch.nn.functional as F
 
-from .gptq_matmul import gptq_matmul_ref
+from .gptq_matmul import dequantize_ref
 from .rotary import rotary_ref
 
 
@@ -71,6 +71,7 @@ def rotary_native(x, cos, sin, out, rotary_dim: int) -> torch.Tensor:
 
 def gptq_matmul_native(x, qweight, qzeros, scales, g_idx, bias, out, *, bits: int, group_size: int,
                        zero_v1: bool) -> torch.Tensor:
-    """GPTQ matmul by dequantize-then-matmul."""
-    return gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, bias, out, bits=bits, group_size=group_size,
-                           zero_v1=zero_v1)
+    """GPTQ matmul by dequantize-then-matmul, the matmul in x's dtype."""
+    weight = dequantize_ref(qweight, qzeros, scales, g_idx, bits=bits, group_size=group_size,
+                            zero_v1=zero_v1).to(x.dtype)  # [K, N]
+    return torch.addmm(bias, x, weight, out=out) if bias is not None else torch.mm(x, weight, out=out)

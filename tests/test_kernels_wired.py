@@ -34,9 +34,21 @@ def run(folder, kernels: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", ["tinyllava", "llava-gemma"])
-def test_triton_kernels_match_torch_references(tiny_checkpoint, family):
-    folder = tiny_checkpoint(family)
+@pytest.fixture(scope="module")
+def gptq4(tiny_checkpoint, tmp_path_factory):
+    """A 4-bit g32 RTN export of the tiny TinyLLaVA (quantized linears run through gptq_matmul)."""
+    from edgelmm.export.gptq_export import export_gptq
+    from edgelmm.export.gptq_settings import QuantSettings
+
+    out = tmp_path_factory.mktemp("wired") / "gptq4"
+    export_gptq(tiny_checkpoint("tinyllava"), out, QuantSettings(bits=4, group_size=32, method="rtn"), samples=2,
+                progress=False)
+    return out
+
+
+@pytest.mark.parametrize("family", ["tinyllava", "llava-gemma", "gptq4"])
+def test_triton_kernels_match_torch_references(tiny_checkpoint, request, family):
+    folder = request.getfixturevalue("gptq4") if family == "gptq4" else tiny_checkpoint(family)
     torch_run, triton_run = run(folder, "torch"), run(folder, "triton")
     assert (torch_run["backend"], triton_run["backend"]) == ("torch", "triton")
     ours, ref = np.array(triton_run["logits"]), np.array(torch_run["logits"])

@@ -51,3 +51,24 @@ def test_norms_with_residual(dtype, gemma):
     ours = native.layer_norm_native(x, w, b, torch.empty_like(x), 1e-5)
     ref = layer_norm_ref(x, w, b, torch.empty_like(x), 1e-5)
     torch.testing.assert_close(ours.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (8, 128, True), (4, -1, False)])
+def test_gptq_matmul_against_the_reference(bits, group_size, act_order):
+    from edgelmm.gptq_format import pack_qweight, pack_qzeros
+    from edgelmm.kernels.gptq_matmul import gptq_matmul_ref
+
+    g = torch.Generator().manual_seed(3)
+    k, n, m = 256, 64, 5
+    groups = 1 if group_size == -1 else k // group_size
+    intweight = torch.randint(0, 2**bits, (k, n), generator=g)
+    zeros = torch.randint(1, 2**bits, (groups, n), generator=g)
+    scales = (torch.rand(groups, n, generator=g) * 0.01 + 0.001).half()
+    g_idx = (torch.arange(k) // (k if group_size == -1 else group_size)).int()
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    args = (pack_qweight(intweight, bits), pack_qzeros(zeros, bits), scales, g_idx, torch.randn(n, generator=g))
+    x = torch.randn(m, k, generator=g)
+    ours = native.gptq_matmul_native(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
+    ref = gptq_matmul_ref(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
