@@ -76,6 +76,12 @@ def cmd_plan(args) -> None:
     print(json.dumps(plan.as_dict(), indent=2) if args.json else f"{args.model}:\n{plan.table()}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tiny import FAMILIES
 
@@ -114,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", choices=FAMILIES, default="tinyllava")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="latency, memory and bandwidth of the backends and peer runtimes")
+    from .bench import add_arguments  # argparse only (stdlib imports): the benchmark loads when it runs
+
+    add_arguments(bench).set_defaults(func=cmd_bench)
     from edgelmm.export.cli import add_export_parser  # light: the exporters load when the command runs
 
     add_export_parser(sub)

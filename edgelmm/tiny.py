@@ -4,6 +4,7 @@ vision tower folder, unused vision layers and pooling heads)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,18 +29,31 @@ def _randomize(model: VLM, seed: int) -> None:
     """Random weights with norm gains near 1 (Gemma's (1+w) norms near 0) and peaked attention, so tiny
     models stay sensitive to their input (image content and layout) instead of collapsing onto one token."""
     gen = torch.Generator().manual_seed(seed)
-    gemma = model.spec.text.arch == "gemma"
     for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if "norm" in name and name.endswith("weight"):
-            p.data = (0.0 if gemma and name.startswith("text.") else 1.0) + 0.1 * noise
-        elif p.ndim == 1:
-            p.data = 0.1 * noise
-        elif name == "text.embed_tokens.weight":  # Gemma scales embeddings by sqrt(d) at run time
-            p.data = 0.25 * noise / model.spec.text.hidden_size ** 0.5 if gemma else noise
-        else:
-            sharpen = QK_SHARPEN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
-            p.data = sharpen * noise / p[0].numel() ** 0.5
+        p.data = _random_tensor(model, name, p.shape, gen, torch.float32)
+
+
+def _random_tensor(model: VLM, name: str, shape, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """One parameter's random init (see ``_randomize``), generated directly in ``dtype``."""
+    gemma = model.spec.text.arch == "gemma"
+    noise = torch.randn(shape, generator=gen, dtype=dtype)
+    if "norm" in name and name.endswith("weight"):
+        return (0.0 if gemma and name.startswith("text.") else 1.0) + 0.1 * noise
+    if len(shape) == 1:
+        return 0.1 * noise
+    if name == "text.embed_tokens.weight":  # Gemma scales embeddings by sqrt(d) at run time
+        return 0.25 * noise / model.spec.text.hidden_size ** 0.5 if gemma else noise
+    sharpen = QK_SHARPEN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+    return sharpen * noise / math.prod(shape[1:]) ** 0.5
+
+
+def _lazy_random_state(model: VLM, seed: int, dtype: torch.dtype) -> dict:
+    """Like ``_randomize`` on a meta-device model, but each value is a callable making its tensor (own
+    generator per tensor), so a full-size model is generated one shard at a time by ``save_sharded``."""
+    def make(i: int, name: str, shape):
+        return lambda: _random_tensor(model, name, shape, torch.Generator().manual_seed(seed * 100_003 + i), dtype)
+
+    return {name: make(i, name, tuple(p.shape)) for i, (name, p) in enumerate(model.named_parameters())}
 
 
 def _extra_vision(cfg: dict, prefix: str, used: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -74,12 +88,13 @@ def _to_checkpoint(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Ten
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, shards: int = 2) -> None:
-    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
+    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``. A value may
+    be a callable returning the tensor: it is made when its shard is written (one shard in memory)."""
     keys = sorted(state)
     weight_map, total = {}, 0
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k].to(dtype).contiguous() for k in keys[i::shards]}
+        part = {k: (state[k]() if callable(state[k]) else state[k]).to(dtype).contiguous() for k in keys[i::shards]}
         save_file(part, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
         total += sum(t.numel() * t.element_size() for t in part.values())
@@ -87,9 +102,12 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtyp
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", llm: str = "phi") -> Path:
+def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", llm: str = "phi",
+              sizes: dict = TINY, vocab: int | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` to ``out`` (written whole, then renamed).
-    ``layout`` picks HF Llava's old or new key layout; ``llm`` the TinyLLaVA Factory language model."""
+    ``layout`` picks HF Llava's old or new key layout; ``llm`` the TinyLLaVA Factory language model.
+    ``sizes=shapes.FULL`` with a ``vocab`` and a ``dtype`` writes the released model's size instead (weights
+    generated per tensor in ``dtype``, one ~2 GB shard in memory at a time; the tokenizer stays tiny)."""
     if family == "tinygpt-v":  # released pieces plus a description file; returns that file's path
         from .tinygptv_tiny import make_tiny_tinygptv
         return make_tiny_tinygptv(out, seed)
@@ -104,7 +122,7 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        _write(family, tmp, seed, layout, llm)
+        _write(family, tmp, seed, layout, llm, sizes, vocab, dtype)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,13 +130,16 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", 
     return out
 
 
-def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
+def _write(family: str, folder: Path, seed: int, layout: str, llm: str, sizes: dict = TINY, vocab: int | None = None,
+           dtype: torch.dtype | None = None) -> None:
     if family == "tinyllava":  # sentinel splicing: no <image> token in the vocabulary
         ids = write_tiny_tokenizer(FACTORY_LLMS[llm][1], folder, image_token=False, pad_token=False)
     else:
         ids = write_tiny_tokenizer(TOKENIZER_STYLE[family], folder)
-    vocab = -(-ids["vocab_size"] // 64) * 64  # embeddings padded past the tokenizer, as Phi-2's are
-    cfg = checkpoint_config(family, vocab, ids, llm, TINY)
+    vocab = vocab or -(-ids["vocab_size"] // 64) * 64  # embeddings padded past the tokenizer, as Phi-2's are
+    cfg = checkpoint_config(family, vocab, ids, llm, sizes)
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed + 1)
     tower = folder / "siglip_vision_tower"
@@ -127,12 +148,17 @@ def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
         (tower / "config.json").write_text(json.dumps(TINY["siglip"], indent=2))
     new_layout = family in ("llava-gemma", "tiny-llava-hf") and layout == "new"
     spec = detect(cfg, folder, ["model.language_model."] if new_layout else [])
-    model = VLM(spec)
-    _randomize(model, seed)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if dtype is None:
+        model = VLM(spec)
+        _randomize(model, seed)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    else:  # full size: built on the meta device, tensors made shard by shard
+        with torch.device("meta"):
+            model = VLM(spec)
+        state = _lazy_random_state(model, seed, dtype)
     if spec.text.tie_word_embeddings:
         state.pop("text.lm_head.weight")
-    vcfg = TINY[spec.vision.arch]
+    vcfg = sizes[spec.vision.arch]
     vision = {k: v for k, v in state.items() if k.startswith("vision.")}
     rest = {k: v for k, v in state.items() if not k.startswith("vision.")}
     if family == "tinyllava-legacy":
@@ -146,9 +172,14 @@ def _write(family: str, folder: Path, seed: int, layout: str, llm: str) -> None:
         ckpt = _to_checkpoint(state, spec.key_rules)
         vision_prefix = next(c for c, o in spec.key_rules if o == "vision.layers.")[:-len("encoder.layers.")]
         ckpt.update(_extra_vision(vcfg, vision_prefix, spec.vision.num_layers, gen))
-    save_sharded(ckpt, folder, DTYPE[family], shards=3 if family == "llava-gemma" else 2)
+    shards = 3 if family == "llava-gemma" else 2
+    if dtype is not None:  # ~2 GB shards
+        params = sum(math.prod(p.shape) for p in model.parameters())
+        shards = max(shards, math.ceil(params * dtype.itemsize / 2e9))
+    save_sharded(ckpt, folder, DTYPE[family] if dtype is None else dtype, shards=shards)
     if family == "llava-gemma":  # Intel's repo keeps the pre-conversion shards beside the real ones
-        save_file({"model.embed_tokens.weight": torch.randn(vocab, cfg["text_config"]["hidden_size"], generator=gen)},
+        save_file({"model.embed_tokens.weight": torch.randn(vocab, cfg["text_config"]["hidden_size"],
+                                                               generator=gen, dtype=dtype or torch.float32)},
                   folder / "model-00001-of-00002.safetensors")
     if family in ("llava-gemma", "tiny-llava-hf"):
         (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PROCESSOR, indent=2))
