@@ -1,7 +1,7 @@
 """edgelmm: a quantized edge inference runtime for small vision-language models."""
 from .errors import EdgeLMMError
 
-__all__ = ["EdgeLMM", "Generation", "SamplingParams", "EdgeLMMError"]
+__all__ = ["EdgeLMM", "EdgeLMMError", "Generation", "SamplingParams"]
 __version__ = "0.1.0"
 
 

@@ -16,6 +16,7 @@ from .spec import IMAGE_PLACEHOLDER
 from .templates import IMAGE_TAG, TEMPLATES, Template
 from .tokenizer import Tokenizer
 
+
 @dataclass
 class Generation:
     """One answer: ``text``, the generated ``token_ids``, the exact rendered ``prompt`` fed to the
@@ -40,7 +41,7 @@ class EdgeLMM:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None,
-             max_memory=None) -> "EdgeLMM":
+             max_memory=None) -> EdgeLMM:
         """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
         description ``.json`` naming its released pieces (see ``edgelmm.tinygptv``), offline.
 

@@ -41,7 +41,7 @@ class TorchBackend:
 
     @classmethod
     def load(cls, folder: Path, device=None, dtype=None, vision_tower=None,
-             context_length: int | None = None, max_memory=None) -> "TorchBackend":
+             context_length: int | None = None, max_memory=None) -> TorchBackend:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         files = WeightFiles(folder)

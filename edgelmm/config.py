@@ -50,7 +50,7 @@ class TextConfig:
             raise ConfigError(f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
 
     @classmethod
-    def from_hf(cls, cfg: dict, arch: str) -> "TextConfig":
+    def from_hf(cls, cfg: dict, arch: str) -> TextConfig:
         """Parse an HF text config (PhiConfig/LlamaConfig/GemmaConfig/Qwen2Config fields)."""
         hidden = _require(cfg, "hidden_size")
         heads = _require(cfg, "num_attention_heads")
@@ -120,7 +120,7 @@ class VisionConfig:
         return self.num_positions - self.drop_first_token
 
     @classmethod
-    def from_hf(cls, cfg: dict, arch: str, feature_layer: int, drop_first_token: bool) -> "VisionConfig":
+    def from_hf(cls, cfg: dict, arch: str, feature_layer: int, drop_first_token: bool) -> VisionConfig:
         """Parse an HF SiglipVisionConfig/CLIPVisionConfig dict; ``feature_layer`` indexes HF's
         ``hidden_states`` tuple (embeddings first), so -2 means all layers but the last."""
         total = _require(cfg, "num_hidden_layers")

@@ -16,7 +16,6 @@ Dequantization: ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n])`
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError
 from edgelmm.models.layers import UsesKernels

@@ -13,7 +13,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | float) -> int:
     """'8GB', '7.5 GiB', '512MB' or a byte count → bytes."""
     if isinstance(text, (int, float)):
         return int(text)

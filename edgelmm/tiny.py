@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from .errors import ConfigError
 from .families import detect
 from .models.vlm import VLM
 from .shapes import CLIP_PROCESSOR, FACTORY_LLMS, SIGLIP_PROCESSOR, TINY, checkpoint_config
+from .staging import staging
 from .tiny_tokenizers import write_tiny_tokenizer
 
 QK_SHARPEN = 3.0  # scales q/k init: peaked attention keeps token positions (and a mirrored image) visible
@@ -115,19 +114,9 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", 
         raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if llm != "phi" and family != "tinyllava" or llm not in FACTORY_LLMS:
         raise ConfigError(f"--llm {llm} applies to the tinyllava family only, with one of {sorted(FACTORY_LLMS)}")
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staging(out) as tmp:
         _write(family, tmp, seed, layout, llm, sizes, vocab, dtype)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out).expanduser()
 
 
 def _write(family: str, folder: Path, seed: int, layout: str, llm: str, sizes: dict = TINY, vocab: int | None = None,

@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from .errors import ConfigError
 from .models.eva import EvaConfig
 from .models.qformer import QFormerConfig
 from .models.tinygptv import TinyGPTV, VisualConfig
+from .staging import staging
 from .tiny import QK_SHARPEN, save_sharded
 from .tiny_tokenizers import write_tiny_tokenizer
 
@@ -50,19 +49,9 @@ def make_tiny_tinygptv(out: str | Path, seed: int = 0, stage: int = 3, lora: boo
     ``fused=False`` a Phi-2 folder as transformers >= 4.37 saves it (q/k/v apart)."""
     if stage not in (1, 2, 3, 4):
         raise ConfigError(f"stage must be 1-4, got {stage!r}")
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staging(out) as tmp:
         _write(tmp, seed, stage, lora, fused)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out / "tinygpt-v.json"
+    return Path(out).expanduser() / "tinygpt-v.json"
 
 
 def _randomize(model: TinyGPTV, gen: torch.Generator) -> None:

@@ -19,12 +19,12 @@ from edgelmm.api import EdgeLMM
 from edgelmm.errors import ConfigError
 from edgelmm.image import load_image, preprocess
 from edgelmm.manifest import write_manifest
+from edgelmm.staging import check_new, staging
 
 from .calibration import calibration_samples
 from .gptq_model import QuantizedModel, gptq_quantize_model, rtn_quantize_model
 from .gptq_settings import QuantSettings, quantization_config
 from .gptq_writer import SHARD_BYTES, block_name, write_gptq_folder
-from .staging import check_new, staging
 
 
 @dataclass

@@ -30,6 +30,7 @@ from edgelmm.onnx_config import (
     image_token_ids,
     make_genai_config,
 )
+from edgelmm.staging import check_new, staging
 
 from .calibration import calibration_samples
 from .gptq_model import gptq_quantize_model, rtn_quantize_model
@@ -40,7 +41,6 @@ from .onnx_graph import save_model
 from .onnx_vision import build_embedding, build_vision
 from .onnx_weights import Packed, decoder_linears, decoder_norms
 from .quantize import rtn_quantize
-from .staging import check_new, staging
 
 TARGETS = {"cpu": "float32", "cuda": "float16"}
 

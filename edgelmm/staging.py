@@ -1,4 +1,4 @@
-"""Atomic output folders: an export is written to a hidden temporary folder beside ``OUT`` and renamed to
+"""Atomic output folders: an export (or a make-tiny checkpoint) is written to a hidden temporary folder beside ``OUT`` and renamed to
 ``OUT`` only once complete, so an interrupted or failed export never leaves a partial ``OUT``."""
 from __future__ import annotations
 
