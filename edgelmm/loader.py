@@ -65,6 +65,10 @@ class WeightFiles:
     def keys(self):
         return self.file_of.keys()
 
+    def release(self, path: Path) -> None:
+        """Close ``path``'s mapping; it is reopened if read again."""
+        self._open.pop(path, None)
+
     def shape(self, key: str) -> tuple[int, ...]:
         handle = self._handle(self.file_of[key])
         if isinstance(handle, dict):
@@ -94,7 +98,11 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
     params = {name: t for name, t in model.state_dict(keep_vars=True).items() if t.is_meta}
     loaded: set[str] = set()
     for files, rules in sources:
-        for key in files.keys():
+        previous = None
+        for key in sorted(files.keys(), key=lambda k: str(files.file_of[k])):  # one shard at a time
+            if previous is not None and files.file_of[key] != previous:
+                files.release(previous)  # unmap a finished shard: its pages no longer count towards RSS
+            previous = files.file_of[key]
             name = map_key(key, rules)
             if name not in params or name in loaded:
                 continue
