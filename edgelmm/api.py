@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PromptTooLongError
 from .generate import Backend, StopStringFilter, generate_ids
 from .image import load_image, preprocess
 from .manifest import verify_manifest
@@ -87,8 +87,6 @@ class EdgeLMM:
         return preprocess(load_image(image), self.spec.image)[None]
 
     def _run(self, image, prompt: str, params: SamplingParams, result: Generation) -> Iterator[str]:
-        from .errors import PromptTooLongError
-
         timings = result.timings
         t0 = time.perf_counter()
         pixels = self.pixels(image)

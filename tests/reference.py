@@ -70,10 +70,22 @@ class LlavaCodebaseReference:
     combined as in prepare_inputs_labels_for_multimodal."""
 
     def __init__(self, folder: Path, family: str):
-        from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, GemmaConfig,
-                                  GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM,
-                                  Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig,
-                                  SiglipVisionModel)
+        from transformers import (
+            AutoTokenizer,
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            GemmaConfig,
+            GemmaForCausalLM,
+            LlamaConfig,
+            LlamaForCausalLM,
+            PhiConfig,
+            PhiForCausalLM,
+            Qwen2Config,
+            Qwen2ForCausalLM,
+            SiglipImageProcessor,
+            SiglipVisionConfig,
+            SiglipVisionModel,
+        )
         cfg = json.loads((folder / "config.json").read_text())
         state = read_state(folder)
         self.family = family

@@ -8,8 +8,7 @@ import pytest
 from reference import sample_image
 
 from edgelmm import EdgeLMM
-from edgelmm.errors import (CheckpointError, ImageError, PromptTooLongError, ShapeMismatchError,
-                            UnsupportedModelError)
+from edgelmm.errors import CheckpointError, ImageError, PromptTooLongError, ShapeMismatchError, UnsupportedModelError
 
 
 @pytest.fixture

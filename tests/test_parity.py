@@ -5,7 +5,6 @@ import torch
 from reference import reference_for, sample_image
 
 from edgelmm import EdgeLMM
-
 from edgelmm.tiny import FAMILIES
 
 # (family, HF key layout, Factory LLM) covering every on-disk layout make-tiny writes

@@ -10,8 +10,9 @@ N(0, 1) data give half-steps of ~0.012-0.02; the output mixes such errors; obser
 import pytest
 import torch
 import torch.nn.functional as F
-from edgelmm.kernels.decode_attention import decode_attention_ref, quantize_kv_int8
 from kernel_testutil import assert_close
+
+from edgelmm.kernels.decode_attention import decode_attention_ref, quantize_kv_int8
 
 triton = pytest.importorskip("triton")
 from edgelmm.kernels.decode_attention import decode_attention_triton

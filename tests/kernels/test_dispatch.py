@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from edgelmm.kernels import KernelOps, load_ops
-from edgelmm.kernels.dispatch import _OPS
 
 from edgelmm.errors import ConfigError
+from edgelmm.kernels import KernelOps, load_ops
+from edgelmm.kernels.dispatch import _OPS
 
 
 def _run(code: str) -> str:

@@ -7,8 +7,9 @@ activations in the tensor-core dot, fp16 output). dequantize_ref must equal the 
 
 import pytest
 import torch
-from edgelmm.kernels.gptq_matmul import dequantize_ref, gptq_matmul_ref, is_trivial_g_idx
 from kernel_testutil import assert_close
+
+from edgelmm.kernels.gptq_matmul import dequantize_ref, gptq_matmul_ref, is_trivial_g_idx
 
 triton = pytest.importorskip("triton")
 from edgelmm.kernels.gptq_matmul import gptq_matmul_triton

@@ -8,8 +8,9 @@ residual_out must equal x + residual rounded once to the input dtype.
 import pytest
 import torch
 import torch.nn.functional as F
-from edgelmm.kernels.norms import layer_norm_ref, rms_norm_ref
 from kernel_testutil import assert_close
+
+from edgelmm.kernels.norms import layer_norm_ref, rms_norm_ref
 
 triton = pytest.importorskip("triton")
 from edgelmm.kernels.norms import layer_norm_triton, rms_norm_triton

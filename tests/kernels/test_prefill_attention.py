@@ -7,8 +7,9 @@ Tolerances (inputs ~N(0, 1), outputs |o| < ~3): fp32 atol=rtol=2e-5 vs reference
 import pytest
 import torch
 import torch.nn.functional as F
-from edgelmm.kernels.prefill_attention import prefill_attention_ref
 from kernel_testutil import assert_close
+
+from edgelmm.kernels.prefill_attention import prefill_attention_ref
 
 triton = pytest.importorskip("triton")
 from edgelmm.kernels.prefill_attention import prefill_attention_triton

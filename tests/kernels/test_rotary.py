@@ -6,8 +6,9 @@ Tolerances: fp32 atol=rtol=1e-5; fp16 atol=rtol=2e-3 (one fp16 rounding of |valu
 
 import pytest
 import torch
-from edgelmm.kernels.rotary import rotary_ref
 from kernel_testutil import assert_close
+
+from edgelmm.kernels.rotary import rotary_ref
 
 triton = pytest.importorskip("triton")
 from edgelmm.kernels.rotary import rotary_triton
