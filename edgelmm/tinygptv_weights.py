@@ -63,6 +63,10 @@ class TensorTable:
     def get(self, name: str) -> torch.Tensor:
         return self._items[name][1]()
 
+    def release(self, path: Path) -> None:
+        """Part of the interface ``load_into`` reads. The table's makers hold the memory-mapped pieces until
+        the table itself is dropped (the loader reads ``ln_vision`` from it afterwards), so nothing is closed."""
+
     def pop(self, name: str) -> tuple[tuple[int, ...], Callable[[], torch.Tensor], Path]:
         shape, make = self._items.pop(name)
         return shape, make, self.file_of.pop(name)
