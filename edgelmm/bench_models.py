@@ -1,6 +1,6 @@
 """The model folders a benchmark runs, made once into a cache (``$EDGELMM_CACHE`` or ~/.cache/edgelmm):
 full-size random-weight shapes in their real on-disk layout (``shapes/NAME``), edgelmm exports per backend
-(``exports/KEY-BACKEND-METHOD``, made with ``edgelmm export``), and the language model alone as an HF causal-LM
+(``exports/KEY-BACKEND-METHOD-gGROUP-EXPORTER``, made with ``edgelmm export``), and the language model alone as an HF causal-LM
 folder (``hf-lm/KEY``: PhiForCausalLM / LlamaForCausalLM / GemmaForCausalLM / Qwen2ForCausalLM) for the peers.
 Every folder is written to a temporary folder beside it and renamed when complete."""
 from __future__ import annotations
@@ -92,9 +92,19 @@ def exporter_missing(backend: str) -> str | None:
     return f"{', '.join(missing)} not installed" if missing else None
 
 
+def exporter_fingerprint() -> str:
+    """A hash of the exporter's source (edgelmm.export), so a changed exporter never reuses a stale export."""
+    folder = Path(importlib.util.find_spec("edgelmm.export").submodule_search_locations[0])
+    digest = hashlib.sha1()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def export_folder(backend: str, source: Path, root: Path, method: str, group_size: int = 128) -> Path:
-    """``source`` exported for ``backend`` (gptq4 / onnx4) with ``edgelmm export`` in a child process, once."""
-    out = root / "exports" / f"{source_key(source)}-{backend}-{method}-g{group_size}"
+    """``source`` exported for ``backend`` (gptq4 / onnx4) with ``edgelmm export`` in a child process, once
+    per exporter version."""
+    out = root / "exports" / f"{source_key(source)}-{backend}-{method}-g{group_size}-{exporter_fingerprint()}"
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def _run_onnx(args: argparse.Namespace) -> None:
         damp=args.damp, quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head)
     export_onnx(args.model, args.out, settings, args.target, args.accuracy_level,
                 None if args.lm_head_bits == 16 else args.lm_head_bits, args.calibration, args.samples,
-                progress=not args.quiet)
+                progress=not args.quiet, vision_bits=args.vision_bits)
 
 
 FORMATS = {"gptq": _run_gptq, "onnx": _run_onnx}
@@ -81,5 +81,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
                    help="MatMulNBits compute type: 4 = int8 (default on cpu), 0 = as the input (cuda)")
     o.add_argument("--lm-head-bits", type=int, choices=(4, 8, 16), default=8,
                    help="LM head bits (RTN) unless --quantize-lm-head (default 8; 16 = unquantized)")
+    o.add_argument("--vision-bits", type=int, choices=(8, 16), default=None,
+                   help="vision tower + connector: 8 = int8 per channel (default for quantized cpu exports), "
+                        "16 = unquantized (default otherwise); --quantize-vision uses --bits instead")
     p.set_defaults(func=cmd_export)
     return p

@@ -1,6 +1,7 @@
 """A small onnx.helper graph builder for hand-written graphs: named initializers, nodes that return their
-output names, linears as com.microsoft ``MatMulNBits`` (quantized) or ``MatMul`` (+ ``Add``), and saving
-with the weights as external data beyond a few MB."""
+output names, linears as com.microsoft ``MatMulNBits`` (group-quantized), ``DynamicQuantizeMatMul`` (int8
+per-channel weights, activations quantized to uint8 per tensor at run time) or ``MatMul`` (+ ``Add``), and
+saving with the weights as external data beyond a few MB."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,14 +37,25 @@ class NBits:
 
 
 @dataclass
+class ChannelInt8:
+    """A weight as symmetric int8 per output channel: ``q`` int8 ``[K, N]`` and ``scales`` float32 ``[N]``,
+    ``W^T = q * scales``."""
+
+    q: np.ndarray
+    scales: np.ndarray
+
+
+@dataclass
 class Linear:
-    """``y = x @ W^T + bias`` for ``W [N, K]``: either fp ``weight_t [K, N]`` or quantized ``nbits``."""
+    """``y = x @ W^T + bias`` for ``W [N, K]``: fp ``weight_t [K, N]``, group-quantized ``nbits`` or
+    per-channel ``int8``."""
 
     k: int
     n: int
     weight_t: np.ndarray | None = None
     nbits: NBits | None = None
     bias: np.ndarray | None = None
+    int8: ChannelInt8 | None = None
 
 
 def pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
@@ -103,6 +115,10 @@ class GraphBuilder:
     def linear(self, x: str, lin: Linear, name: str) -> str:
         """``x [..., K] → [..., N]`` through ``lin``."""
         bias = self.fp(f"{name}.bias", lin.bias) if lin.bias is not None else ""
+        if lin.int8 is not None:  # bias fused; the op quantizes x per tensor (uint8) and runs an int8 GEMM
+            inputs = [x, self.init(f"{name}.qweight", lin.int8.q), self.init(f"{name}.scales", lin.int8.scales)]
+            return self.node("DynamicQuantizeMatMul", inputs + (["", bias] if bias else []), domain=MS_DOMAIN,
+                             name=f"{name}/DynamicQuantizeMatMul")[0]
         if lin.nbits is None:
             y = self.op("MatMul", x, self.fp(f"{name}.weight", lin.weight_t), name=f"{name}/MatMul")
             return self.op("Add", y, bias, name=f"{name}/Add") if bias else y

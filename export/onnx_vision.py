@@ -2,7 +2,8 @@
 
 vision: ``pixel_values [B, 3, S, S]`` → patch Conv + positions (CLIP: class token, pre-LayerNorm) → the
 encoder layers up to the feature layer (LayerNorm, q|k|v linear, com.microsoft ``MultiHeadAttention``,
-MLP) → first token dropped when the family does → projector → ``image_features [B, N, D_text]``.
+MLP) → first token dropped when the family does → projector → ``image_features [B, N, D_text]``. Linears
+are fp ``MatMul``, int8 ``DynamicQuantizeMatMul`` (``--vision-bits 8``) or ``MatMulNBits`` (``--quantize-vision``).
 
 embedding: ``input_ids [B, S]`` + ``image_features`` → ``inputs_embeds [B, S, D]``: ids equal to an image id
 take the next image feature row (a running count over the image positions indexes the flattened features),
@@ -18,17 +19,18 @@ from torch import nn
 from edgelmm.models.layers import embedding_scale
 
 from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from .onnx_weights import Packed, fuse, linear_from
+from .onnx_weights import Int8Channels, Packed, fuse, linear_from
 
 
 def _np(t) -> np.ndarray:
     return t.detach().float().numpy()
 
 
-def build_vision(model: nn.Module, packed: list[Packed], dtype: str = "float32") -> onnx.ModelProto:
-    """The vision graph of a VLM (its vision tower and projector)."""
+def build_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: str = "float32",
+                 accuracy_level: int = 0) -> onnx.ModelProto:
+    """The vision graph of a VLM (its vision tower and projector); linears held by ``packed`` are quantized."""
     cfg = model.spec.vision
-    g = GraphBuilder("edgelmm_vision", dtype)
+    g = GraphBuilder("edgelmm_vision", dtype, accuracy_level)
     x = g.input("pixel_values", g.onnx_dtype, ["batch", 3, cfg.image_size, cfg.image_size])
     emb = model.vision.embeddings
     conv = [g.fp("vision.patch.weight", _np(emb.patch_embedding.weight))]
@@ -62,7 +64,8 @@ def _layer_norm(g: GraphBuilder, x: str, norm: nn.Module, name: str) -> str:
                 epsilon=norm.eps, axis=-1)
 
 
-def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg, packed: list[Packed]) -> str:
+def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg,
+                   packed: list[Packed | Int8Channels]) -> str:
     def lin(module_name: str) -> Linear:
         return linear_from(layer.get_submodule(module_name), f"{name}.{module_name}", packed)
 

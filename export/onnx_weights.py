@@ -12,7 +12,7 @@ from torch import nn
 from edgelmm.errors import UnsupportedModelError
 from edgelmm.gptq_format import unpack_qzeros
 
-from .onnx_graph import Linear, NBits
+from .onnx_graph import ChannelInt8, Linear, NBits
 
 _FALLBACK_BLOCK = 128  # per-channel (group_size -1) scales are replicated over blocks of this size
 
@@ -55,9 +55,27 @@ class Packed:
     checkpoint_format: str
 
 
-def linear_from(module: nn.Linear, name: str, packed: list[Packed]) -> Linear:
-    """The graph Linear for module ``name``: MatMulNBits when one of ``packed`` holds it, else fp MatMul."""
+@dataclass(frozen=True)
+class Int8Channels:
+    """Linears quantized to symmetric int8 per output channel (module name → ChannelInt8)."""
+
+    results: dict[str, ChannelInt8]
+
+
+def channel_int8(weight: torch.Tensor) -> ChannelInt8:
+    """Round-to-nearest symmetric int8 per output channel of ``weight [N, K]``: scale = max|w| / 127."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [N]
+    q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)  # [N, K]
+    return ChannelInt8(q.t().contiguous().numpy(), scales.numpy())
+
+
+def linear_from(module: nn.Linear, name: str, packed: list[Packed | Int8Channels]) -> Linear:
+    """The graph Linear for module ``name``: MatMulNBits or DynamicQuantizeMatMul when one of ``packed``
+    holds it, else fp MatMul."""
     for p in packed:
+        if name in p.results and isinstance(p, Int8Channels):
+            return Linear(module.in_features, module.out_features, int8=p.results[name], bias=_bias(module))
         if name in p.results:
             nbits = nbits_from_gptq(p.results[name], p.bits, p.checkpoint_format)
             return Linear(module.in_features, module.out_features, nbits=nbits, bias=_bias(module))
@@ -73,10 +91,14 @@ def fuse(parts: list[Linear]) -> Linear:
     bias = None
     if any(p.bias is not None for p in parts):
         bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.n, np.float32) for p in parts])
-    if any(p.nbits is None for p in parts):
-        if not all(p.nbits is None for p in parts):
-            raise UnsupportedModelError("cannot fuse quantized and unquantized linears that share an input")
+    kinds = {("nbits" if p.nbits is not None else "int8" if p.int8 is not None else "fp") for p in parts}
+    if len(kinds) > 1:
+        raise UnsupportedModelError("cannot fuse linears of different quantizations that share an input")
+    if kinds == {"fp"}:
         return Linear(k, n, weight_t=np.concatenate([p.weight_t for p in parts], 1), bias=bias)
+    if kinds == {"int8"}:
+        int8 = ChannelInt8(np.concatenate([p.int8.q for p in parts], 1), np.concatenate([p.int8.scales for p in parts]))
+        return Linear(k, n, int8=int8, bias=bias)
     q = [p.nbits for p in parts]
     if len({(x.bits, x.block_size) for x in q}) > 1:
         raise UnsupportedModelError("linears sharing an input must use the same bits and block size")

@@ -46,7 +46,8 @@ def exports(tiny_checkpoint, tmp_path_factory):
         if key not in made:
             src = tiny_checkpoint(family, layout, llm)
             settings = None if bits == 16 else RTN4
-            out = export_onnx(src, root / "-".join(map(str, key)), settings, accuracy_level=0, progress=False)
+            out = export_onnx(src, root / "-".join(map(str, key)), settings, accuracy_level=0, progress=False,
+                              vision_bits=16)
             ref = EdgeLMM.load(src, device="cpu", dtype=torch.float32)
             quantize_for_onnx(ref, settings)
             made[key] = out, ref
@@ -106,16 +107,25 @@ def test_export_folder_config_and_manifest(exports):
 
 
 def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
-    """The CPU default (MatMulNBits accuracy_level 4: int8 activations) stays near the exact result."""
+    """The CPU defaults (MatMulNBits accuracy_level 4: int8 activations; the vision tower as int8
+    DynamicQuantizeMatMul) stay near the torch model holding the same weights, and the image still matters."""
     src = tiny_checkpoint("tinyllava", "old", "llama")
     out = export_onnx(src, tmp_path / "acc4", RTN4, progress=False)
     assert {a.i for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "accuracy_level"} == {4}
+    vision_ops = _ops(out, "vision.onnx")
+    assert "DynamicQuantizeMatMul" in vision_ops and "MatMul" not in vision_ops
+    assert read_manifest(out)["quantization"]["vision_bits"] == 8
     model, ref = EdgeLMM.load(out), EdgeLMM.load(src, device="cpu", dtype=torch.float32)
-    quantize_for_onnx(ref, RTN4)
+    quantize_for_onnx(ref, RTN4, vision_bits=8)
     image, (_, ids) = sample_image(), model.prompt_ids(QUESTION)
-    ours = model.backend.prefill(ids, model.backend.encode_image(model.pixels(image)))
-    theirs = ref.backend.prefill(ids, ref.backend.encode_image(ref.pixels(image)))
+    features = model.backend.encode_image(model.pixels(image))
+    ref_features = ref.backend.encode_image(ref.pixels(image)).numpy()
+    mirrored = ref.backend.encode_image(ref.pixels(image.transpose(0))).numpy()  # PIL FLIP_LEFT_RIGHT
+    error, image_effect = np.linalg.norm(features - ref_features), np.linalg.norm(mirrored - ref_features)
+    assert error < 0.1 * np.linalg.norm(ref_features) and error < 0.1 * image_effect  # 6.5% measured
+    ours = model.backend.prefill(ids, features)
+    theirs = ref.backend.prefill(ids, torch.from_numpy(ref_features))
     cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
     assert cos > 0.99 and int(ours.argmax()) == int(theirs.argmax())
 
