@@ -127,6 +127,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
         raise ConfigError(f"--target must be one of {sorted(TARGETS)}, got {target!r}")
     if vision_bits not in (None, 8, 16):
         raise ConfigError(f"--vision-bits must be 8 or 16, got {vision_bits}")
+    if vision_bits == 8 and target == "cuda":
+        raise ConfigError("--vision-bits 8 is a CPU path (DynamicQuantizeMatMul has no fp16 CUDA kernel); "
+                          "use --quantize-vision for a quantized vision tower on CUDA")
     dtype = TARGETS[target]
     level = accuracy_level if accuracy_level is not None else (4 if target == "cpu" else 0)
     vision_bits = vision_bits or default_vision_bits(settings, target)

@@ -17,6 +17,7 @@ from reference import sample_image
 from edgelmm import EdgeLMM
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
+from edgelmm.errors import ConfigError
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
@@ -190,6 +191,10 @@ def test_cuda_target_graphs_are_fp16(tiny_checkpoint, tmp_path):
     decoder = onnx.load(str(out / "decoder.onnx")).graph
     assert decoder.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert json.loads((out / CONFIG_NAME).read_text())["edgelmm"]["io_dtype"] == "float16"
+    assert "DynamicQuantizeMatMul" not in _ops(out, "vision.onnx")  # int8 vision is CPU-only
+    with pytest.raises(ConfigError, match="vision-bits 8"):
+        export_onnx(tmp_path, tmp_path / "never", RTN4, target="cuda", vision_bits=8, progress=False)
+    assert not (tmp_path / "never").exists()
 
 
 def test_benchmark_runs_on_tiny_shape(tmp_path):
