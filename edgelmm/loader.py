@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import CheckpointError, ShapeMismatchError
+from .safetensors_file import SafetensorsFile
 from .spec import KeyRules
 
 
@@ -53,34 +53,35 @@ class WeightFiles:
 
     def _handle(self, path: Path):
         if path not in self._open:
-            try:
-                if path.suffix == ".bin":
+            if path.suffix != ".bin":
+                self._open[path] = SafetensorsFile(path)
+            else:
+                try:
                     self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                else:
-                    self._open[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-                raise CheckpointError(f"{path} is truncated or corrupt ({e}); download it again") from None
+                except (RuntimeError, OSError, EOFError, ValueError) as e:
+                    raise CheckpointError(f"{path} is truncated or corrupt ({e}); download it again") from None
         return self._open[path]
 
     def keys(self):
         return self.file_of.keys()
 
     def release(self, path: Path) -> None:
-        """Close ``path``'s mapping; it is reopened if read again."""
-        self._open.pop(path, None)
+        """Close ``path``; it is reopened if read again."""
+        handle = self._open.pop(path, None)
+        if isinstance(handle, SafetensorsFile):
+            handle.close()
 
     def shape(self, key: str) -> tuple[int, ...]:
         handle = self._handle(self.file_of[key])
-        if isinstance(handle, dict):
-            return tuple(handle[key].shape)
-        return tuple(handle.get_slice(key).get_shape())
+        return tuple(handle[key].shape) if isinstance(handle, dict) else handle.shape(key)
 
     def get(self, key: str) -> torch.Tensor:
         handle = self._handle(self.file_of[key])
         try:
-            return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
-        except (SafetensorError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"cannot read {key} from {self.file_of[key]} ({e}); download it again") from None
+            return handle[key] if isinstance(handle, dict) else handle.get(key)
+        except KeyError:
+            raise CheckpointError(f"{key} is listed for {self.file_of[key].name} but not in it; "
+                                  "download it again") from None
 
 
 def map_key(key: str, rules: KeyRules) -> str | None:
@@ -114,6 +115,8 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
             tensor = files.get(key)
             _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
             loaded.add(name)
+        if previous is not None:
+            files.release(previous)
     text = getattr(model, "text", model)
     if "text.lm_head.weight" not in loaded and text.cfg.tie_word_embeddings:
         text.lm_head.weight = text.embed_tokens.weight

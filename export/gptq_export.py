@@ -1,8 +1,9 @@
 """``edgelmm export --format gptq``: load a checkpoint, quantize its decoder (GPTQ on calibration data, or
 RTN), and write a GPTQ checkpoint folder with an ``edgelmm.json`` manifest, atomically.
 
-The export holds one full-precision (fp32) copy of the model: the source tensors it writes unquantized are
-re-read from the source files one at a time, and quantized weights are kept only in packed form.
+The export holds one full-precision (fp32) copy of the model, read one tensor at a time (no mapped shard
+beside it) and with no KV cache; the source tensors it writes unquantized are re-read from the source files
+one at a time, and quantized weights are kept only in packed form.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
     with staging(out) as tmp:
-        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32)
+        # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
+        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)
         spec = lm.spec
         if settings.quantize_lm_head and spec.text.tie_word_embeddings:
             raise ConfigError("--quantize-lm-head: this model ties its lm_head to the embeddings, which stay fp16")

@@ -136,7 +136,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
     with staging(out) as tmp:
-        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32)
+        # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
+        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)
         spec, model = lm.spec, lm.backend.model
         packed = quantize_for_onnx(lm, settings, lm_head_bits, calibration, samples, progress, vision_bits)
         save_model(build_vision(model, packed, dtype, level), tmp / VISION_FILE)
