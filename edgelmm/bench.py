@@ -65,7 +65,7 @@ PEER_MODULES = {"transformers": ("transformers", "pip install transformers"),
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="checkpoint folder, edgelmm export, or TinyGPT-V description .json")
     p.add_argument("--shape", help="build a full-size random-weight model: tiny, tinyllava-phi2-siglip-3.1b, "
-                                   "mipha-3b, llava-gemma-2b, tiny-llava-1.1b")
+                                   "mipha-3b, llava-gemma-2b, tiny-llava-1.1b, tinygpt-v")
     p.add_argument("--image", help="image file (default: a synthetic 640x480 picture)")
     p.add_argument("--prompt-tokens", type=int, default=800, help="image tokens + text tokens (default 800)")
     p.add_argument("--new-tokens", type=int, default=128)

@@ -46,21 +46,26 @@ def _atomic(out: Path, write) -> Path:
 
 def shape_folder(name: str, root: Path) -> Path:
     """The checkpoint folder of shape ``name`` (``edgelmm.shapes.SHAPES``, or ``tiny``: make-tiny's TinyLLaVA
-    Phi-2 + SigLIP), built on first use: random weights of the released sizes in the family's real layout."""
+    Phi-2 + SigLIP), built on first use: random weights of the released sizes in the family's real layout.
+    For ``tinygpt-v``, the description file of its released pieces."""
     import torch
 
     from .shapes import FULL, SHAPES
     from .tiny import make_tiny
+    from .tinygptv_tiny import make_tiny_tinygptv
 
     out = root / "shapes" / name
+    if name == "tinygpt-v":  # its released pieces plus the description file that names them
+        if not out.is_dir():
+            print(f"building the full-size random-weight TinyGPT-V in {out} (once)", file=sys.stderr, flush=True)
+            make_tiny_tinygptv(out, full=True)
+        return out / "tinygpt-v.json"
     if out.is_dir():
         return out
     if name == "tiny":
         return make_tiny("tinyllava", out)
     if name not in SHAPES:
-        hint = " (TinyGPT-V: pass its description .json from `edgelmm make-tiny tinygpt-v` or the released files)"
-        raise ConfigError(f"unknown shape {name!r}; choose tiny or one of {', '.join(SHAPES)}"
-                          + (hint if name == "tinygpt-v" else ""))
+        raise ConfigError(f"unknown shape {name!r}; choose tiny, tinygpt-v or one of {', '.join(SHAPES)}")
     family, llm, vocab = SHAPES[name]
     vocab = 256000 + 64 if family == "llava-gemma" else vocab  # the converted checkpoint's padded embedding
     dtype = getattr(torch, SHAPE_DTYPES.get(family, "float16"))
