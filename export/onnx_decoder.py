@@ -5,7 +5,8 @@ Per layer: fused q|k|v linear → com.microsoft ``GroupQueryAttention`` over the
 may share one buffer) → o linear; the MLP as fused gate|up → activation → down (Llama, Qwen2, Gemma) or
 fc1 → FastGelu → fc2 (Phi, in parallel with attention). Linears are ``MatMulNBits`` when quantized.
 Norms are fused with the residual add: ``SkipSimplifiedLayerNormalization`` (RMSNorm; Gemma's ``1 + w``
-folded into the gain at export) or ``SkipLayerNormalization`` (Phi's LayerNorm).
+folded into the gain at export) or ``SkipLayerNormalization`` (Phi's LayerNorm). TinyGPT-V's modified Phi-2
+adds a LayerNorm over each head's q and k before rotary and an RMSNorm on the attention output.
 
 Rotary: GQA applies it itself (``do_rotary``) when its kernel supports the family's rotary width — rotate-half
 on the first ``rotary_dim`` dims, with ``rotary_dim / 2`` a multiple of 8 and at most ``head_dim / 2``
@@ -20,7 +21,6 @@ import onnx
 from onnx import TensorProto
 
 from edgelmm.config import TextConfig
-from edgelmm.errors import UnsupportedModelError
 from edgelmm.models.layers import rotary_table
 from edgelmm.onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
@@ -37,8 +37,6 @@ def build_decoder(cfg: TextConfig, linears: dict[str, Linear], norms: dict[str, 
                   accuracy_level: int = 0) -> onnx.ModelProto:
     """The decoder ModelProto of a TextModel given its graph linears and norm weights
     (export/onnx_weights.py ``decoder_linears`` / ``decoder_norms``)."""
-    if cfg.qk_layernorm or cfg.post_attention_rmsnorm:
-        raise UnsupportedModelError("qk_layernorm / post-attention RMSNorm decoders (TinyGPT-V) have no ONNX export")
     g = GraphBuilder("edgelmm_decoder", dtype, accuracy_level)
     return _Decoder(cfg, g, linears, norms).build()
 
@@ -80,15 +78,28 @@ class _Decoder:
             self.position_ids = g.op("Unsqueeze", positions, g.const([0]))  # (1, S)
 
     def _first_norm(self, x: str) -> str:
-        g, eps = self.g, self.cfg.norm_eps
-        w = g.fp("layers.0.input_layernorm.weight", self.norms["layers.0.input_layernorm.weight"])
-        if self.rms:  # plain ops (onnx.checker rejects the contrib SimplifiedLayerNormalization); fp32 math
-            xf = g.op("Cast", x, to=TensorProto.FLOAT)
-            mean_sq = g.op("ReduceMean", g.op("Mul", xf, xf), g.const([-1]), keepdims=1)
-            inv_rms = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_sq, g.const(eps, np.float32))))
-            return g.op("Mul", g.op("Cast", g.op("Mul", xf, inv_rms), to=g.onnx_dtype), w)
-        b = g.fp("layers.0.input_layernorm.bias", self.norms["layers.0.input_layernorm.bias"])
-        return g.op("LayerNormalization", x, w, b, epsilon=eps, axis=-1)
+        return self._rms(x, "layers.0.input_layernorm", self.cfg.norm_eps) if self.rms else \
+            self._layer_norm(x, "layers.0.input_layernorm")
+
+    def _rms(self, x: str, name: str, eps: float) -> str:
+        """RMSNorm as plain ops (onnx.checker rejects the contrib SimplifiedLayerNormalization); fp32 math."""
+        g = self.g
+        xf = g.op("Cast", x, to=TensorProto.FLOAT)
+        mean_sq = g.op("ReduceMean", g.op("Mul", xf, xf), g.const([-1]), keepdims=1)
+        inv_rms = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_sq, g.const(eps, np.float32))))
+        return g.op("Mul", g.op("Cast", g.op("Mul", xf, inv_rms), to=g.onnx_dtype),
+                    g.fp(f"{name}.weight", self.norms[f"{name}.weight"]))
+
+    def _layer_norm(self, x: str, name: str) -> str:
+        g = self.g
+        w, b = (g.fp(f"{name}.{p}", self.norms[f"{name}.{p}"]) for p in ("weight", "bias"))
+        return g.op("LayerNormalization", x, w, b, epsilon=self.cfg.norm_eps, axis=-1)
+
+    def _head_norm(self, x: str, name: str, heads: int) -> str:
+        """TinyGPT-V's QK LayerNorm over each head's dims: (B, S, heads*Dh) → per head → (B, S, heads*Dh)."""
+        g, d = self.g, self.cfg.head_dim
+        per_head = g.op("Reshape", x, g.const([0, 0, heads, d]))  # (B, S, heads, Dh)
+        return g.op("Reshape", self._layer_norm(per_head, name), g.const([0, 0, heads * d]))
 
     def _skip_norm(self, y: str, residual: str, name: str) -> tuple[str, str]:
         """(norm(y + residual), y + residual) in one fused op."""
@@ -133,18 +144,25 @@ class _Decoder:
         present = [PRESENT_KEY % i, PRESENT_VALUE % i]
         for name in present:
             g.output(name, g.onnx_dtype, ["batch", cfg.num_kv_heads, "present_seq", cfg.head_dim])
-        if self.fused_rotary:
+        if self.fused_rotary and not cfg.qk_layernorm:
             qkv_inputs = [qkv, "", ""]
         else:
             q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
             q, k, v = g.node("Split", [qkv, g.const([q_dim, kv_dim, kv_dim])], n_out=3, axis=-1)
-            q, k = (g.op("RotaryEmbedding", t, self.position_ids, self.cos, self.sin, domain=MS_DOMAIN,
-                         num_heads=heads, rotary_embedding_dim=cfg.rotary_dim, interleaved=0)
-                    for t, heads in ((q, cfg.num_heads), (k, cfg.num_kv_heads)))
+            if cfg.qk_layernorm:  # before rotary, as the modified Phi-2 does
+                q = self._head_norm(q, f"layers.{i}.self_attn.q_layernorm", cfg.num_heads)
+                k = self._head_norm(k, f"layers.{i}.self_attn.k_layernorm", cfg.num_kv_heads)
+            if not self.fused_rotary:
+                q, k = (g.op("RotaryEmbedding", t, self.position_ids, self.cos, self.sin, domain=MS_DOMAIN,
+                             num_heads=heads, rotary_embedding_dim=cfg.rotary_dim, interleaved=0)
+                        for t, heads in ((q, cfg.num_heads), (k, cfg.num_kv_heads)))
             qkv_inputs = [q, k, v]
         rotary = [self.cos, self.sin] if self.fused_rotary else []
         out = g.node("GroupQueryAttention", [*qkv_inputs, past_k, past_v, self.seqlens_k, self.total_len, *rotary],
                      outputs=[f"layers.{i}.attn/out", *present], domain=MS_DOMAIN, name=f"layers.{i}.attn",
                      num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=int(self.fused_rotary),
                      rotary_interleaved=0)[0]
-        return g.linear(out, self.lin[f"layers.{i}.o"], f"layers.{i}.o")
+        out = g.linear(out, self.lin[f"layers.{i}.o"], f"layers.{i}.o")
+        if cfg.post_attention_rmsnorm:  # TinyGPT-V's post_layernorm (LlamaRMSNorm, eps 1e-6)
+            out = self._rms(out, f"layers.{i}.post_layernorm", 1e-6)
+        return out

@@ -131,12 +131,22 @@ def decoder_linears(text: nn.Module, packed: list[Packed]) -> dict[str, Linear]:
     return out
 
 
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def decoder_norms(text: nn.Module) -> dict[str, np.ndarray]:
     """Norm gains (and LayerNorm biases) by graph name, with Gemma's ``1 + w`` folded into the gain."""
     offset = 1.0 if text.cfg.arch == "gemma" else 0.0
     out = {}
-    named = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in enumerate(text.layers)
-             for n in ("input_layernorm", "post_attention_layernorm") if hasattr(layer, n)]
+    kinds = ("input_layernorm", "post_attention_layernorm", "post_layernorm", "self_attn.q_layernorm",
+             "self_attn.k_layernorm")  # the last three: TinyGPT-V
+    named = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(text.layers)
+             for n in kinds if _has(layer, n)]
     named.append(("final_norm", text.final_layernorm if hasattr(text, "final_layernorm") else text.norm))
     for name, norm in named:
         out[f"{name}.weight"] = (offset + norm.weight.detach().float()).numpy()

@@ -1,6 +1,7 @@
 """ONNX export and the onnxruntime backend against the torch backend, for every family: graphs pass
 onnx.checker, the unquantized export's logits match, the 4-bit export's greedy tokens match the torch model
 holding the same quantized weights, and the ONNX path runs without torch."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,22 +132,44 @@ def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
     assert cos > 0.99 and int(ours.argmax()) == int(theirs.argmax())
 
 
-def test_unfused_partial_rotary_matches_torch():
-    """Rotary widths GroupQueryAttention cannot fuse (rotary_dim/2 not a multiple of 8) go through
-    RotaryEmbedding on the rotary slice; cached decode steps still match the torch model."""
+DECODER_CASES = {  # config overrides, TinyGPT-V's extra norms, whether GroupQueryAttention fuses the rotary
+    "unfused-rotary": ({"num_attention_heads": 4}, False, False),
+    "tinygpt-v": ({"num_attention_heads": 2, "partial_rotary_factor": 0.5}, True, True),
+    "tinygpt-v-unfused-rotary": ({"num_attention_heads": 4}, True, False),
+}
+
+
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_decoder_graph_matches_torch(case):
+    """Decoders the CPU graph builds in special ways match the torch TextModel through cached decode steps:
+    rotary widths GroupQueryAttention cannot fuse (rotary_dim/2 not a multiple of 8: RotaryEmbedding on the
+    slice), and TinyGPT-V's modified Phi-2 (LayerNorm over each head's q and k, RMSNorm after attention)."""
     import onnxruntime as ort
 
-    cfg = TextConfig.from_hf({**TINY["phi"], "vocab_size": 64, "hidden_size": 64, "num_attention_heads": 4}, "phi")
-    assert cfg.rotary_dim == 6 and not fused_rotary(cfg)
+    overrides, tinygptv, fused = DECODER_CASES[case]
+    cfg = TextConfig.from_hf({**TINY["phi"], "vocab_size": 64, "hidden_size": 64, **overrides}, "phi")
+    cfg.qk_layernorm = cfg.post_attention_rmsnorm = tinygptv
+    assert fused_rotary(cfg) == fused
     torch.manual_seed(0)
     text = TextModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in text.named_parameters():
+            if "norm" in name:  # gains near 1, small biases: the norms must matter
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape))
     bind_kernels(text, "cpu")
     graph = build_decoder(cfg, decoder_linears(text, []), decoder_norms(text))
-    assert "RotaryEmbedding" in {n.op_type for n in graph.graph.node}
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("RotaryEmbedding" in ops) != fused
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     embeds = torch.randn(1, 7, cfg.hidden_size)
     with torch.no_grad():
         ref = text(embeds, KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8), 0, last_only=False)[0]
+        if tinygptv:  # the extra norms change the result
+            plain = TextModel(dataclasses.replace(cfg, qk_layernorm=False, post_attention_rmsnorm=False)).eval()
+            plain.load_state_dict(text.state_dict(), strict=False)
+            bind_kernels(plain, "cpu")
+            other = plain(embeds, KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8), 0, last_only=False)[0]
+            assert (other - ref).abs().max() > 0.1 * ref.abs().max()
     empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
     past = {f"past_key_values.{i}.{kv}": empty for i in range(cfg.num_layers) for kv in ("key", "value")}
     for start, end in ((0, 5), (5, 6), (6, 7)):
