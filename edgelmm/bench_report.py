@@ -49,6 +49,8 @@ def header(report: dict) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v) or "none"
     missing = ", ".join(k for k, v in m["libraries"].items() if not v) or "none"
     jetson = m["jetson"]
+    split = ("image tokens as the model splices them" if w["image_tokens"] is None else
+             f"{w['image_tokens']} image + {w['text_tokens']} text")
     lines = [f"device: {m['device']}" + (f" ({m['gpu']['name']})" if m["gpu"] else ""),
              (f"cpu: {cpu['model']} [{cpu['arch']}], flags: {' '.join(flags) or 'none of ' + str(len(cpu['flags']))}"
               f", amx: {'yes' if cpu['amx'] else 'no'}"),
@@ -58,7 +60,7 @@ def header(report: dict) -> str:
               f"{jetson['nvpmodel_mode']}; jetson_clocks: {jetson['jetson_clocks']}"),
              f"libraries: {libs} (not installed: {missing})",
              f"model: {w['model']}" + (f" (shape {w['shape']}, random weights)" if w["shape"] else ""),
-             (f"workload: {w['prompt_tokens']}-token prompt ({w['image_tokens']} image + {w['text_tokens']} text), "
+             (f"workload: {w['prompt_tokens']}-token prompt ({split}), "
               f"{w['new_tokens']} new tokens (greedy, EOS ignored), {w['warmup_runs']} warm-up + {w['runs']} runs, "
               f"dtype {w['dtype']}")]
     return "\n".join(lines)
