@@ -211,9 +211,10 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     params = dict(model.named_parameters())
     fill_fresh(table, params, desc.pieces["phi2"])
     _check(table, params, desc)
-    load_into(model, [(table, (("", ""),))], dtype, device)
-    for name in ("weight", "bias"):  # ln_vision stays fp32, as LAVIS keeps it
-        setattr(model.ln_vision, name, nn.Parameter(table.get(f"ln_vision.{name}").float().to(device), False))
+    ln_vision = {name: table.get(f"ln_vision.{name}").float().to(device) for name in ("weight", "bias")}
+    load_into(model, [(table, (("", ""),))], dtype, device)  # empties the table file by file
+    for name, value in ln_vision.items():  # ln_vision stays fp32, as LAVIS keeps it
+        setattr(model.ln_vision, name, nn.Parameter(value, False))
     model.text.init_rope(device)
     bind_kernels(model, device)
     model.eval()

@@ -64,8 +64,10 @@ class TensorTable:
         return self._items[name][1]()
 
     def release(self, path: Path) -> None:
-        """Part of the interface ``load_into`` reads. The table's makers hold the memory-mapped pieces until
-        the table itself is dropped (the loader reads ``ln_vision`` from it afterwards), so nothing is closed."""
+        """Drop the entries read from ``path`` (``load_into`` calls this when it is done with a file), so the
+        memory-mapped piece they come from can be unmapped instead of counting towards RSS until the end."""
+        for name in [n for n, origin in self.file_of.items() if origin == path]:
+            self.pop(name)
 
     def pop(self, name: str) -> tuple[tuple[int, ...], Callable[[], torch.Tensor], Path]:
         shape, make = self._items.pop(name)
