@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -71,21 +70,8 @@ def build(path: str, shape: str, layers: int | None, bits: int, block: int, lm_h
     save_model(build_decoder(cfg, linears, norms, "float32", accuracy_level), Path(path))
 
 
-def bandwidth_gbs(nbytes: int) -> float:
-    """Memory bandwidth of a large array copy (read + write), best of 3."""
-    src, dst = np.ones(nbytes // 8), np.empty(nbytes // 8)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
-    return 2 * nbytes / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def run(session, cfg, prompt: int, new: int, context: int, steps: int | None = None) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for ``steps`` or ``new`` tokens) through a KVDecoder."""
+def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for ``new`` tokens) through a KVDecoder."""
     from edgelmm.backend_onnx import KVDecoder
 
     rng = np.random.default_rng(1)
@@ -95,7 +81,7 @@ def run(session, cfg, prompt: int, new: int, context: int, steps: int | None = N
     logits = dec.run(embeds, prompt)
     t1 = time.perf_counter()
     table = rng.standard_normal((64, cfg.hidden_size)).astype(np.float32)  # stand-in token embeddings
-    for i in range(steps or new):
+    for i in range(new):
         dec.run(table[None, int(np.argmax(logits)) % 64][:, None], prompt + i + 1)
     return t1 - t0, time.perf_counter() - t1
 
@@ -142,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
 
     from edgelmm.backend_onnx import session_options
+    from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,14 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
     context = args.prompt_tokens + max(args.new_tokens, PROFILE_STEPS)
     copy_bytes = 1 << (29 if args.shape == "phi2" else 24)
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # its arrays stay out of this process's RSS
-        bw_before = pool.apply(bandwidth_gbs, (copy_bytes,))
+        bw_before = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
     session = ort.InferenceSession(str(path), session_options(args.threads), providers=["CPUExecutionProvider"])
     run(session, cfg, 8, 2, context)  # warm-up
     prefill_s, decode_s = run(session, cfg, args.prompt_tokens, args.new_tokens, context)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     del session
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        bw_after = pool.apply(bandwidth_gbs, (copy_bytes,))
+        bw_after = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
     result = {"shape": args.shape, "bits": args.bits, "block_size": args.block_size,
               "accuracy_level": args.accuracy_level, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "ttft_s": round(prefill_s, 3),
@@ -177,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         opts = session_options(args.threads, profile_prefix=str(folder / "profile"))
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
-        run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context, steps=PROFILE_STEPS)
+        run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
         result["profile"] = profile_summary(session.end_profiling(), skip=3)
     print(json.dumps(result, indent=2))
     return result

@@ -24,6 +24,7 @@ from edgelmm.export.calibration import synthetic_image
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.kv_cache import KVCache
+from edgelmm.onnx_config import image_token_ids
 from edgelmm.tiny import make_tiny
 
 CONFIGS = [("rtn", 32), ("gptq", 32), ("rtn", 128), ("gptq", 128)]
@@ -40,14 +41,9 @@ def text_logits(lm: EdgeLMM, image, prompt: str) -> torch.Tensor:
     with torch.inference_mode():
         embeds = model.splice(torch.tensor([ids]), lm.backend.encode_image(lm.pixels(image)))  # (1, T, D)
         logits = model.text(embeds, KVCache(t.num_layers, t.num_kv_heads, t.head_dim, len(ids)), 0, False)[0]
-    first = 1 + max(i for i, tok in enumerate(ids) if tok in _image_ids(lm))  # first text position after the image
+    marks = set(image_token_ids(lm.spec))
+    first = 1 + max(i for i, tok in enumerate(ids) if tok in marks)  # first text position after the image
     return F.log_softmax(logits[first:].float(), dim=-1)  # (P, V)
-
-
-def _image_ids(lm: EdgeLMM) -> set[int]:
-    from edgelmm.models.vlm import IMAGE_PLACEHOLDER
-
-    return {IMAGE_PLACEHOLDER} | ({lm.spec.image_token_id} if lm.spec.image_token_id is not None else set())
 
 
 def compare(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> tuple[float, float, int]:

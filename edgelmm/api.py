@@ -11,6 +11,7 @@ from .errors import CheckpointError, PromptTooLongError
 from .generate import Backend, StopStringFilter, generate_ids
 from .image import load_image, preprocess
 from .manifest import verify_manifest
+from .onnx_config import is_onnx_export
 from .sampling import SamplingParams
 from .spec import IMAGE_PLACEHOLDER
 from .templates import IMAGE_TAG, TEMPLATES, Template
@@ -58,8 +59,8 @@ class EdgeLMM:
             return cls(*load_tinygptv(folder, device, dtype, context_length))
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
-        manifest = verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
-        if (manifest or {}).get("backend") == "onnx":  # an ONNX export runs on onnxruntime, without torch
+        verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
+        if is_onnx_export(folder):  # an ONNX export runs on onnxruntime, without torch
             from .backend_onnx import OnnxBackend
 
             return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)

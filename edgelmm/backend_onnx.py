@@ -58,7 +58,7 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 
 class KVDecoder:
     """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
-    past and present) and logits output; ``run`` feeds embeddings at the next positions."""
+    past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask."""
 
     def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu"):
         ort = _ort()
@@ -69,26 +69,26 @@ class KVDecoder:
                    for _ in range(text.num_layers)]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, text.vocab_size], dtype, "cpu", 0)
         self.mask = np.ones((1, max_seq_len), np.int64)
+        self.binding = session.io_binding()
+        for i, (k, v) in enumerate(self.kv):
+            self.binding.bind_ortvalue_input(PAST_KEY % i, k)
+            self.binding.bind_ortvalue_input(PAST_VALUE % i, v)
+            self.binding.bind_ortvalue_output(PRESENT_KEY % i, k)
+            self.binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
+        self.binding.bind_ortvalue_output("logits", self.logits)
 
     def run(self, embeds, total: int) -> np.ndarray:
         """Run ``embeds`` (an OrtValue or numpy array [1, S, D]) as positions total-S..total-1; the cache must
         hold positions 0..total-S-1. Returns the last position's logits [V] as float32."""
         if total > self.max_seq_len:
             raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
-        binding = self.session.io_binding()
         if isinstance(embeds, np.ndarray):
-            binding.bind_cpu_input("inputs_embeds", embeds)
+            self.binding.bind_cpu_input("inputs_embeds", embeds)
         else:
-            binding.bind_ortvalue_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("attention_mask", self.mask[:, :total])
-        for i, (k, v) in enumerate(self.kv):
-            binding.bind_ortvalue_input(PAST_KEY % i, k)
-            binding.bind_ortvalue_input(PAST_VALUE % i, v)
-            binding.bind_ortvalue_output(PRESENT_KEY % i, k)
-            binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
-        binding.bind_ortvalue_output("logits", self.logits)
-        self.session.run_with_iobinding(binding)
-        return self.logits.numpy()[0, -1].astype(np.float32)
+            self.binding.bind_ortvalue_input("inputs_embeds", embeds)
+        self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+        self.session.run_with_iobinding(self.binding)
+        return self.logits.numpy()[0, -1].astype(np.float32, copy=False)
 
 
 class OnnxBackend:

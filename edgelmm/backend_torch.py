@@ -9,7 +9,7 @@ import torch
 
 from .errors import ConfigError, MemoryBudgetError
 from .families import detect
-from .gptq_load import read_gptq_config, use_quant_linears
+from .gptq_load import GPTQSettings, read_gptq_config, use_quant_linears
 from .kv_cache import KVCache
 from .loader import WeightFiles, load_into, read_json
 from .models.layers import bind_kernels
@@ -52,12 +52,12 @@ class TorchBackend:
             spec.text.vocab_size = files.shape(embed_key)[0]
         with torch.device("meta"):
             model = VLM(spec)
+        gptq = read_gptq_config(folder, cfg)
         if max_memory is not None:
-            check_budget(model, spec, dtype, context_length, max_memory)
+            check_budget(model, spec, dtype, context_length, max_memory, gptq)
         sources = [(files, spec.key_rules)]
         if spec.vision_dir is not None:
             sources.append((WeightFiles(spec.vision_dir), spec.vision_key_rules))
-        gptq = read_gptq_config(folder, cfg)
         if gptq is not None:  # quantized linears become QuantLinear before their buffers are loaded
             use_quant_linears(model, sources, gptq, device)
         load_into(model, sources, dtype, device)
@@ -95,13 +95,15 @@ class TorchBackend:
         return self.model.text(embeds, self.cache, start=0, last_only=False)[0]
 
 
-def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length: int | None, max_memory) -> None:
-    """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB")."""
+def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length: int | None, max_memory,
+                 gptq: GPTQSettings | None = None) -> None:
+    """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB"); a GPTQ
+    checkpoint's linears are planned at their ``gptq`` bits and group size."""
     from .plan import PlanSettings, parse_size, plan_memory, vision_size
 
     size = torch.empty((), dtype=dtype).element_size()
-    context = min(context_length or spec.context_length, spec.text.max_position_embeddings)
-    settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context)
+    quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
+    settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)
     plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, parse_size(max_memory))
     if not plan.fits:
         raise MemoryBudgetError(f"this model needs about {plan.total / 1e9:.2f} GB but max_memory is "
@@ -109,8 +111,13 @@ def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length
                                 "(edgelmm export --bits 4), a smaller dtype, or a shorter context_length.")
 
 
+def context_limit(spec: ModelSpec, context_length: int | None) -> int:
+    """The positions the KV cache holds: the model's context, or ``context_length`` if smaller."""
+    return min(context_length or spec.context_length, spec.text.max_position_embeddings)
+
+
 def new_cache(spec: ModelSpec, context_length: int | None, dtype: torch.dtype, device: torch.device) -> KVCache:
     """A KV cache for the model's context, or ``context_length`` if smaller."""
-    limit = min(context_length or spec.context_length, spec.text.max_position_embeddings)
     t = spec.text
-    return KVCache(t.num_layers, t.num_kv_heads, t.head_dim, limit, dtype=dtype, device=device)
+    return KVCache(t.num_layers, t.num_kv_heads, t.head_dim, context_limit(spec, context_length), dtype=dtype,
+                   device=device)

@@ -13,10 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, UnsupportedModelError
+from .staging import staging
 
 SHAPE_DTYPES = {"mipha": "bfloat16"}  # else float16: the released checkpoints' dtypes, fp32 ones halved
 EXPORTS = {"gptq4": ["--format", "gptq", "--bits", "4"], "onnx4": ["--format", "onnx", "--bits", "4", "--target", "cpu"]}
@@ -28,20 +28,6 @@ SHARD_BYTES = 2e9
 
 def cache_root(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("EDGELMM_CACHE") or Path.home() / ".cache" / "edgelmm").expanduser()
-
-
-def _atomic(out: Path, write) -> Path:
-    """Run ``write(tmp)`` in a temporary folder beside ``out`` and rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def shape_folder(name: str, root: Path) -> Path:
@@ -169,16 +155,15 @@ def hf_language_model(source: Path, root: Path) -> Path:
     dtype = files.get(keys["model.embed_tokens.weight"]).dtype
     size = sum(math.prod(files.shape(k)) for k in keys.values()) * dtype.itemsize
 
-    def write(tmp: Path) -> None:
+    print(f"writing the language model as an HF folder for the peers (once): {out}", file=sys.stderr, flush=True)
+    with staging(out) as tmp:
         (tmp / "config.json").write_text(json.dumps({**hf_text_config(t), "torch_dtype": str(dtype)[6:]}, indent=2))
         state = {name: (lambda k=k: files.get(k)) for name, k in keys.items()}
         save_sharded(state, tmp, dtype, shards=max(1, math.ceil(size / SHARD_BYTES)))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy(source / name, tmp / name)
-
-    print(f"writing the language model as an HF folder for the peers (once): {out}", file=sys.stderr, flush=True)
-    return _atomic(out, write)
+    return out
 
 
 def peer_model(peer: str, hf_lm: Path, root: Path, qtype: str = "Q4_0") -> Path:
@@ -200,11 +185,10 @@ def peer_model(peer: str, hf_lm: Path, root: Path, qtype: str = "Q4_0") -> Path:
         _check(subprocess.run(cmd, check=False, capture_output=True, text=True), peer)
         return out
 
-    def build(tmp: Path) -> None:
+    with staging(out) as tmp:
         _check(subprocess.run([c.format(tmp=tmp) for c in cmd], check=False, capture_output=True, text=True), peer)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-
-    return _atomic(out, build)
+    return out
 
 
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:

@@ -9,23 +9,24 @@ import argparse
 import signal
 
 
-def _run_gptq(args: argparse.Namespace) -> None:
-    from .gptq_export import export_gptq
+def _settings(args: argparse.Namespace):
     from .gptq_settings import QuantSettings
 
-    settings = QuantSettings(bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                             act_order=args.act_order, method=args.method, damp=args.damp,
-                             quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head)
-    export_gptq(args.model, args.out, settings, args.calibration, args.samples, progress=not args.quiet)
+    return QuantSettings(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
+                         method=args.method, damp=args.damp, quantize_vision=args.quantize_vision,
+                         quantize_lm_head=args.quantize_lm_head)
+
+
+def _run_gptq(args: argparse.Namespace) -> None:
+    from .gptq_export import export_gptq
+
+    export_gptq(args.model, args.out, _settings(args), args.calibration, args.samples, progress=not args.quiet)
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
-    from .gptq_settings import QuantSettings
     from .onnx_export import export_onnx
 
-    settings = None if args.bits == 16 else QuantSettings(
-        bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order, method=args.method,
-        damp=args.damp, quantize_vision=args.quantize_vision, quantize_lm_head=args.quantize_lm_head)
+    settings = None if args.bits == 16 else _settings(args)
     export_onnx(args.model, args.out, settings, args.target, args.accuracy_level,
                 None if args.lm_head_bits == 16 else args.lm_head_bits, args.calibration, args.samples,
                 progress=not args.quiet, vision_bits=args.vision_bits)

@@ -7,7 +7,6 @@ one at a time, and quantized weights are kept only in packed form.
 """
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -17,13 +16,12 @@ import torch
 
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
+from edgelmm.bench_machine import peak_rss_bytes
 from edgelmm.errors import ConfigError
-from edgelmm.image import load_image, preprocess
 from edgelmm.manifest import write_manifest
 from edgelmm.staging import check_new, staging
 
-from .calibration import calibration_samples
-from .gptq_model import QuantizedModel, gptq_quantize_model, rtn_quantize_model
+from .gptq_model import quantize_model
 from .gptq_settings import QuantSettings, quantization_config
 from .gptq_writer import SHARD_BYTES, block_name, write_gptq_folder
 
@@ -44,21 +42,6 @@ class ExportReport:
                 f"peak RSS {self.peak_rss / 2**30:.2f} GiB")
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _quantize(lm: EdgeLMM, s: QuantSettings, calibration, samples: int, progress: bool) -> QuantizedModel:
-    model = lm.backend.model
-    if s.method == "rtn":
-        return rtn_quantize_model(model, s, progress)
-    data = calibration_samples(calibration, samples)
-    pixels = [torch.from_numpy(preprocess(load_image(d.image), lm.spec.image))[None] for d in data]  # [1, 3, S, S]
-    ids = [torch.tensor([lm.prompt_ids(d.prompt)[1]]) for d in data]  # [1, T], image positions marked
-    return gptq_quantize_model(model, pixels, ids, s, progress)
-
-
 def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings, calibration: str | Path | None = None,
                 samples: int = 32, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> ExportReport:
     """Export the checkpoint folder ``model_dir`` as a GPTQ checkpoint in the new folder ``out``.
@@ -73,7 +56,7 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
         spec = lm.spec
         if settings.quantize_lm_head and spec.text.tie_word_embeddings:
             raise ConfigError("--quantize-lm-head: this model ties its lm_head to the embeddings, which stay fp16")
-        quantized = _quantize(lm, settings, calibration, samples, progress)
+        quantized = quantize_model(lm, settings, calibration, samples, progress)
         del lm  # the fp32 model is not needed for writing
         meta = {"max_damp_used": quantized.max_damp} if settings.method == "gptq" else {}
         if settings.method == "gptq":
@@ -86,6 +69,6 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
                              "exporter": f"edgelmm {__version__}",
                              "quantization": {**settings.as_dict(), "quantized_modules": sorted(quantized.results),
                                               "skipped_modules": quantized.skipped}})
-    report = ExportReport(out, time.perf_counter() - start, peak_rss(), len(quantized.results), quantized.skipped)
+    report = ExportReport(out, time.perf_counter() - start, peak_rss_bytes(), len(quantized.results), quantized.skipped)
     print(report.summary(), file=sys.stderr)
     return report

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from edgelmm.kv_cache import KVCache
 from edgelmm.models.vlm import VLM
 
+from .calibration import calibration_samples
 from .gptq_settings import QuantSettings
 from .quantize import GPTQ, QuantResult, rtn_quantize
 
@@ -238,3 +239,15 @@ def rtn_quantize_model(model: VLM, s: QuantSettings, progress: bool = True) -> Q
             out.groups = [[n[len(name) + 1:]] for n in linears]
         _quantize_linears(linears, None, s, out)
     return out
+
+
+def quantize_model(lm, s: QuantSettings, calibration=None, samples: int = 32, progress: bool = True) -> QuantizedModel:
+    """Quantize the torch model of the loaded EdgeLMM ``lm`` in place: RTN, or GPTQ on ``samples``
+    calibration samples from the folder ``calibration`` (None: the built-in synthetic set)."""
+    model = lm.backend.model
+    if s.method == "rtn":
+        return rtn_quantize_model(model, s, progress)
+    data = calibration_samples(calibration, samples)
+    pixels = [torch.from_numpy(lm.pixels(d.image)) for d in data]  # each [1, 3, S, S]
+    ids = [torch.tensor([lm.prompt_ids(d.prompt)[1]]) for d in data]  # [1, T], image positions marked
+    return gptq_quantize_model(model, pixels, ids, s, progress)

@@ -23,7 +23,6 @@ from torch import nn
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
 from edgelmm.errors import ConfigError
-from edgelmm.image import load_image, preprocess
 from edgelmm.manifest import write_manifest
 from edgelmm.onnx_config import (
     CONFIG_NAME,
@@ -35,8 +34,7 @@ from edgelmm.onnx_config import (
 )
 from edgelmm.staging import check_new, staging
 
-from .calibration import calibration_samples
-from .gptq_model import gptq_quantize_model, rtn_quantize_model
+from .gptq_model import quantizable, quantize_model
 from .gptq_settings import QuantSettings
 from .gptq_writer import copy_side_files
 from .onnx_decoder import build_decoder
@@ -79,21 +77,13 @@ def quantize_for_onnx(lm: EdgeLMM, settings: QuantSettings | None, lm_head_bits:
     (dequantized linears, fp16-rounded embedding table), so the torch backend can serve as its reference.
     Returns the quantized tensors to repack; empty for an unquantized (``settings=None``) export."""
     model = lm.backend.model
-    if vision_bits == 8 and settings is not None and settings.quantize_vision:
-        raise ConfigError("--vision-bits 8 and --quantize-vision both quantize the vision tower; choose one")
     vision = [vision_int8(model)] if vision_bits == 8 else []
     if settings is None:
         return vision
     _untie_lm_head(model.text)
-    if settings.method == "rtn":
-        quantized = rtn_quantize_model(model, settings, progress)
-    else:
-        data = calibration_samples(calibration, samples)
-        pixels = [torch.from_numpy(preprocess(load_image(d.image), lm.spec.image))[None] for d in data]
-        ids = [torch.tensor([lm.prompt_ids(d.prompt)[1]]) for d in data]  # [1, T], image positions marked
-        quantized = gptq_quantize_model(model, pixels, ids, settings, progress)
+    quantized = quantize_model(lm, settings, calibration, samples, progress)
     packed = [Packed(quantized.results, settings.bits, settings.checkpoint_format)]
-    if lm_head_bits is not None and not settings.quantize_lm_head:
+    if lm_head_bits is not None and not settings.quantize_lm_head and quantizable(model.text.lm_head, lm_head_bits):
         head = model.text.lm_head
         result = rtn_quantize(head.weight.detach().float(), lm_head_bits, settings.group_size, True)
         head.weight.data.copy_(result.dequantize())
@@ -127,6 +117,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
         raise ConfigError(f"--target must be one of {sorted(TARGETS)}, got {target!r}")
     if vision_bits not in (None, 8, 16):
         raise ConfigError(f"--vision-bits must be 8 or 16, got {vision_bits}")
+    if vision_bits == 8 and settings is not None and settings.quantize_vision:
+        raise ConfigError("--vision-bits 8 and --quantize-vision both quantize the vision tower; choose one")
     if vision_bits == 8 and target == "cuda":
         raise ConfigError("--vision-bits 8 is a CPU path (DynamicQuantizeMatMul has no fp16 CUDA kernel); "
                           "use --quantize-vision for a quantized vision tower on CUDA")

@@ -23,10 +23,11 @@ def nbits_from_gptq(packed: dict[str, torch.Tensor], bits: int, checkpoint_forma
     ``[N, G]``; zeros unpacked (v1 +1) and dropped when all equal the default ``2^(bits-1)``."""
     qweight, scales, g_idx = packed["qweight"], packed["scales"], packed["g_idx"]
     k, n, groups = qweight.shape[0] * 32 // bits, qweight.shape[1], scales.shape[0]
-    block = k // groups if groups > 1 else _FALLBACK_BLOCK
-    if groups > 1 and (k % groups or block & (block - 1) or block < 16):
-        raise UnsupportedModelError(f"group size {k / groups:g} cannot be a MatMulNBits block (a power of 2 >= 16)")
-    if not torch.equal(g_idx.long(), torch.arange(k) // (k // groups)):
+    size = int((g_idx == 0).sum()) if groups > 1 else k  # the group size; the last group may be shorter
+    block = size if groups > 1 else _FALLBACK_BLOCK
+    if groups > 1 and (-(-k // size) != groups or block & (block - 1) or block < 16):
+        raise UnsupportedModelError(f"group size {size} cannot be a MatMulNBits block (a power of 2 >= 16)")
+    if not torch.equal(g_idx.long(), torch.arange(k) // size):
         raise UnsupportedModelError("act-order GPTQ weights with a permuted g_idx cannot be exported to ONNX; "
                                     "quantize with static groups (edgelmm's --act-order does) or without act-order")
     k_blocks, blob = -(-k // block), block * bits // 8

@@ -71,6 +71,7 @@ def test_report_fields_types_and_units(report):
     assert names[:3] == ["edgelmm-torch", "edgelmm-gptq4", "edgelmm-onnx4"] and "transformers" in names
     for system in data["systems"]:
         assert system["status"] in ("ok", "skipped", "failed") and system["kind"] in ("backend", "peer")
+        assert system["status"] != "failed", (system["name"], system.get("reason"))  # skipped = not installed
         if system["status"] == "ok":
             _check_ok(system, 800, 5)
         else:
@@ -79,6 +80,7 @@ def test_report_fields_types_and_units(report):
     assert by_name["edgelmm-torch"]["status"] == "ok" and by_name["edgelmm-torch"]["scope"] == "vlm"
     assert by_name["edgelmm-gptq4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-gptq4"]["weights"]
     assert by_name["transformers"]["status"] == "ok"
+    assert by_name["edgelmm-onnx4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-onnx4"]["weights"]
     assert by_name["transformers"]["scope"] == "language-model-only"  # Factory TinyLLaVA: HF has no class for it
     assert "device: cpu" in stdout and "memory bandwidth" in stdout and "jetson_clocks: n/a" in stdout
 

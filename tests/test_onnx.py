@@ -95,6 +95,10 @@ def test_4bit_export_greedy_tokens_match_torch_with_same_weights(exports, family
     ours = model.generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
     theirs = ref.generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
     assert len(theirs) > 1 and ours == theirs
+    mirrored = image.transpose(0)  # PIL FLIP_LEFT_RIGHT: the image path must matter, in both runtimes alike
+    theirs_mirrored = ref.generate(mirrored, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
+    assert theirs_mirrored != theirs
+    assert model.generate(mirrored, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids == theirs_mirrored
 
 
 def test_export_folder_config_and_manifest(exports):
@@ -130,6 +134,34 @@ def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
     theirs = ref.backend.prefill(ids, torch.from_numpy(ref_features))
     cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
     assert cos > 0.99 and int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("k,group,asym", [(160, 128, False), (4304, 128, True), (256, 32, False)])
+def test_repacked_linear_matches_the_gptq_formula(k, group, asym):
+    """A GPTQ-packed linear repacked into MatMulNBits computes x @ W^T for W from the dequantization formula
+    (quant-formats.md §1.5: scale[g] * (q - zero[g])), also when K is not a multiple of the group (the last
+    MatMulNBits block is then padded: SigLIP's fc2 has K = 4304)."""
+    import onnxruntime as ort
+
+    from edgelmm.export.onnx_graph import GraphBuilder, Linear
+    from edgelmm.export.onnx_weights import nbits_from_gptq
+    from edgelmm.export.quantize import rtn_quantize
+
+    n, torch_gen = 64, torch.Generator().manual_seed(0)
+    result = rtn_quantize(torch.randn(n, k, generator=torch_gen), 4, group, sym=not asym)
+    g = result.g_idx.long()
+    w = (result.scales[g] * (result.intweight - result.zeros[g]).float()).t()  # [N, K], §1.5
+    fmt = "gptq_v2" if asym else "gptq"
+    lin = Linear(k, n, nbits=nbits_from_gptq(result.pack(4, fmt), 4, fmt))
+    builder = GraphBuilder("one_linear")
+    x_name = builder.input("x", onnx.TensorProto.FLOAT, [3, k])
+    builder.node("Identity", [builder.linear(x_name, lin, "lin")], outputs=["y"])
+    builder.output("y", onnx.TensorProto.FLOAT, [3, n])
+    session = ort.InferenceSession(builder.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, k, generator=torch_gen)
+    ours = session.run(None, {"x": x.numpy()})[0]
+    expected = (x.double() @ w.double().t()).numpy()
+    assert np.abs(ours - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 DECODER_CASES = {  # config overrides, TinyGPT-V's extra norms, whether GroupQueryAttention fuses the rotary
@@ -218,6 +250,9 @@ def test_cuda_target_graphs_are_fp16(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="vision-bits 8"):
         export_onnx(tmp_path, tmp_path / "never", RTN4, target="cuda", vision_bits=8, progress=False)
     assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match="choose one"):
+        export_onnx(tmp_path, tmp_path / "never", dataclasses.replace(RTN4, quantize_vision=True), vision_bits=8,
+                    progress=False)
 
 
 def test_benchmark_runs_on_tiny_shape(tmp_path):

@@ -67,6 +67,22 @@ def test_load_refuses_a_model_that_cannot_fit(tiny_checkpoint):
     EdgeLMM.load(tiny_checkpoint("tinyllava"), max_memory="1GB")
 
 
+def test_load_budgets_a_gptq_export_at_its_bits(tiny_checkpoint, tmp_path):
+    """max_memory plans a GPTQ export at its own bits: a budget that `edgelmm plan` says the 4-bit export fits
+    (and the unquantized checkpoint does not) admits the export and refuses the checkpoint."""
+    from edgelmm.export.gptq_export import export_gptq
+    from edgelmm.export.gptq_settings import QuantSettings
+
+    src = tiny_checkpoint("tinyllava")
+    out = export_gptq(src, tmp_path / "q4", QuantSettings(bits=4, group_size=32, method="rtn"), progress=False).out
+    settings = PlanSettings(dtype_bytes=4, kv_bits=32, context=16)  # fp32 on CPU, as EdgeLMM.load runs it
+    budget = 1.02 * plan_for(str(out), settings).total
+    assert budget < plan_for(str(src), settings).total
+    EdgeLMM.load(out, context_length=16, max_memory=budget)
+    with pytest.raises(MemoryBudgetError):
+        EdgeLMM.load(src, context_length=16, max_memory=budget)
+
+
 def test_sizes_are_parsed():
     assert parse_size("8GB") == 8_000_000_000 and parse_size("1.5 GiB") == 1.5 * 2**30
     with pytest.raises(ConfigError):

@@ -12,13 +12,12 @@ from ..config import TextConfig
 from ..kv_cache import KVCache
 from .layers import LayerNorm, RMSNorm, UsesKernels, activation, embedding_scale, rotary_table
 
-DECODE_SPLIT = 256  # KV positions per split of the split-KV decode kernel
-
 
 class Attention(UsesKernels):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
@@ -47,17 +46,12 @@ class Attention(UsesKernels):
             k = ops.rotary(k, cos, sin, k, cfg.rotary_dim)
         keys, values = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
         out = torch.empty_like(q)  # (B, H, T, D), laid out as (B, T, H, D)
-        scale = 1.0 / math.sqrt(cfg.head_dim)
         if t == 1:
-            kv_len = start + 1
-            splits = min(16, -(-kv_len // DECODE_SPLIT))
-            part_out = torch.empty(b, cfg.num_heads, splits, cfg.head_dim, device=q.device)  # (B, H, splits, D)
-            part_lse = torch.empty(b, cfg.num_heads, splits, device=q.device)  # (B, H, splits)
-            lens = torch.full((b,), kv_len, dtype=torch.int32, device=q.device)
-            ops.decode_attention(q[:, :, 0], cache.keys(layer), cache.values(layer), lens, out[:, :, 0], scale,
+            part_out, part_lse, lens = cache.decode_workspace(cfg.num_heads, start + 1)
+            ops.decode_attention(q[:, :, 0], cache.keys(layer), cache.values(layer), lens, out[:, :, 0], self.scale,
                                  part_out=part_out, part_lse=part_lse)
         else:  # causal, aligned to the end: a chunk after a cached prefix sees the whole prefix
-            ops.prefill_attention(q, keys, values, out, scale, True)
+            ops.prefill_attention(q, keys, values, out, self.scale, True)
         out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return (self.dense if cfg.arch == "phi" else self.o_proj)(out)
 

@@ -53,8 +53,9 @@ def test_norms_with_residual(dtype, gemma):
     torch.testing.assert_close(ours.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (8, 128, True), (4, -1, False)])
-def test_gptq_matmul_against_the_reference(bits, group_size, act_order):
+def test_gptq_matmul_against_the_reference(bits, group_size, act_order, dtype):
     from edgelmm.gptq_format import pack_qweight, pack_qzeros
     from edgelmm.kernels.gptq_matmul import gptq_matmul_ref
 
@@ -69,6 +70,16 @@ def test_gptq_matmul_against_the_reference(bits, group_size, act_order):
         g_idx = g_idx[torch.randperm(k, generator=g)]
     args = (pack_qweight(intweight, bits), pack_qzeros(zeros, bits), scales, g_idx, torch.randn(n, generator=g))
     x = torch.randn(m, k, generator=g)
-    ours = native.gptq_matmul_native(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
-    ref = gptq_matmul_ref(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    if dtype == torch.float32:
+        ours = native.gptq_matmul_native(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
+        ref = gptq_matmul_ref(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # independently of the shared dequantization: quant-formats.md §1.5, w = scale[g] * (q - zero[g]), in fp64
+    gi = g_idx.long()
+    w_t = scales.double()[gi] * (intweight - zeros[gi]).double()  # [K, N]
+    expected = x.double() @ w_t + args[-1].double()
+    xd = x.to(dtype)
+    ours = native.gptq_matmul_native(xd, *args[:2], scales.to(dtype), g_idx, args[-1].to(dtype),
+                                     torch.empty(m, n, dtype=dtype), bits=bits, group_size=group_size, zero_v1=True)
+    scale = expected.abs().max()
+    assert (ours.double() - expected).abs().max() / scale < (1e-5 if dtype == torch.float32 else 3e-2)
