@@ -161,7 +161,11 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
         if kind == "tinygpt-v" and backend == "torch":
             plan.append((name, "backend", {**base, "system": "edgelmm", "model": str(source), "export": None}, None))
             continue
-        if kind != "checkpoint":
+        if kind == "tinygpt-v" and backend != "onnx4":
+            plan.append((name, "backend", None, {"status": "skipped", "reason": "TinyGPT-V exports to ONNX only "
+                         "(its released pieces have no checkpoint layout a GPTQ loader reads)"}))
+            continue
+        if kind not in ("checkpoint", "tinygpt-v"):
             plan.append((name, "backend", None, {"status": "skipped", "reason": f"the model is a {kind} source "
                          f"(run as it is); {backend} is exported from an unquantized checkpoint folder"}))
             continue

@@ -37,6 +37,7 @@ from .config import TextConfig, VisionConfig
 from .errors import CheckpointError
 from .image import ImageSpec
 from .spec import IMAGE_PLACEHOLDER, ModelSpec
+from .tinygptv_config import TINYGPTV_FAMILY, EvaConfig, QFormerConfig, TinyGPTVSpec, VisualConfig
 
 CONFIG_NAME = "genai_config.json"
 VISION_FILE, EMBEDDING_FILE, DECODER_FILE = "vision.onnx", "embedding.onnx", "decoder.onnx"
@@ -44,26 +45,33 @@ PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 
-def spec_to_dict(spec: ModelSpec) -> dict:
-    """The runtime-relevant part of a ModelSpec as JSON-ready data (no key rules, no vision folder)."""
-    return {"family": spec.family, "text": asdict(spec.text), "vision": asdict(spec.vision),
-            "projector_act": spec.projector_act, "image": asdict(spec.image), "template": spec.template,
-            "image_token_id": spec.image_token_id, "context_length": spec.context_length}
+def spec_to_dict(spec: ModelSpec | TinyGPTVSpec) -> dict:
+    """The runtime-relevant part of a spec as JSON-ready data (no key rules, no vision folder)."""
+    d = {"family": spec.family, "text": asdict(spec.text), "vision": asdict(spec.vision), "image": asdict(spec.image),
+         "template": spec.template, "image_token_id": spec.image_token_id, "context_length": spec.context_length}
+    if isinstance(spec, ModelSpec):
+        d["projector_act"] = spec.projector_act
+    return d
 
 
-def spec_from_dict(d: dict) -> ModelSpec:
+def spec_from_dict(d: dict) -> ModelSpec | TinyGPTVSpec:
     """Inverse of :func:`spec_to_dict`."""
-    return ModelSpec(family=d["family"], text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]),
-                     projector_act=d["projector_act"], image=ImageSpec(**d["image"]), template=d["template"],
+    text, image = TextConfig(**d["text"]), ImageSpec(**d["image"])
+    if d["family"] == TINYGPTV_FAMILY:
+        v = d["vision"]
+        visual = VisualConfig(EvaConfig(**v["eva"]), QFormerConfig(**v["qformer"]), v["proj_dim"])
+        return TinyGPTVSpec(text, visual, image, d["context_length"])
+    return ModelSpec(family=d["family"], text=text, vision=VisionConfig(**d["vision"]),
+                     projector_act=d["projector_act"], image=image, template=d["template"],
                      image_token_id=d["image_token_id"], key_rules=(), context_length=d["context_length"])
 
 
-def image_token_ids(spec: ModelSpec) -> list[int]:
+def image_token_ids(spec: ModelSpec | TinyGPTVSpec) -> list[int]:
     """The ids marking image positions: LLaVA's placeholder, plus HF Llava's expanded image token."""
     return [IMAGE_PLACEHOLDER] + ([spec.image_token_id] if spec.image_token_id is not None else [])
 
 
-def make_genai_config(spec: ModelSpec, target: str, io_dtype: str, quantization: dict) -> dict:
+def make_genai_config(spec: ModelSpec | TinyGPTVSpec, target: str, io_dtype: str, quantization: dict) -> dict:
     """The config of an export of ``spec`` (layout in the module docstring)."""
     t = spec.text
     context = min(spec.context_length, t.max_position_embeddings)
@@ -94,7 +102,7 @@ def make_genai_config(spec: ModelSpec, target: str, io_dtype: str, quantization:
 class OnnxConfig:
     """A parsed ``genai_config.json``: the model spec, the three graph paths and the export settings."""
 
-    spec: ModelSpec
+    spec: ModelSpec | TinyGPTVSpec
     vision: Path
     embedding: Path
     decoder: Path

@@ -194,10 +194,9 @@ def _plan_tinygptv(settings: PlanSettings, budget: int | None) -> MemoryPlan:
     import torch
 
     from .config import TextConfig
-    from .models.eva import EvaConfig
-    from .models.qformer import QFormerConfig
-    from .models.tinygptv import TinyGPTV, VisualConfig
+    from .models.tinygptv import TinyGPTV
     from .shapes import FULL
+    from .tinygptv_config import EvaConfig, QFormerConfig, VisualConfig
 
     text = TextConfig.from_hf(FULL["phi"], "phi")
     text.qk_layernorm = text.post_attention_rmsnorm = True

@@ -38,9 +38,8 @@ from .config import TextConfig
 from .errors import CheckpointError, ConfigError, ShapeMismatchError, UnsupportedModelError
 from .image import CLIP_MEAN, CLIP_STD, ImageSpec
 from .loader import WeightFiles, load_into, read_json
-from .models.eva import EvaConfig
-from .models.qformer import QFormerConfig
-from .models.tinygptv import TinyGPTV, VisualConfig
+from .models.tinygptv import TinyGPTV
+from .tinygptv_config import EvaConfig, QFormerConfig, TinyGPTVSpec, VisualConfig
 from .tinygptv_weights import (
     EVA_RULES,
     PHI_RULES,
@@ -64,20 +63,6 @@ MARKER = "tinygpt-v"
 PIECES = ("checkpoint", "phi2", "eva_vit", "qformer", "qformer_config")
 _SOURCE_OF = (("vision.", "eva_vit"), ("ln_vision.", "qformer"), ("qformer.", "qformer"),
               ("llama_proj", "checkpoint"), ("text.", "phi2"))  # which piece must supply each parameter
-
-
-@dataclass(slots=True)
-class TinyGPTVSpec:
-    """What EdgeLMM needs to run TinyGPT-V (the counterpart of ``ModelSpec``): part configs, preprocessing,
-    template; the image is spliced at LLaVA's sentinel positions (no image token id)."""
-
-    text: TextConfig
-    vision: VisualConfig
-    image: ImageSpec
-    context_length: int = 2048
-    family: str = "tinygpt-v"
-    template: str = "tinygpt-v"
-    image_token_id: int | None = None
 
 
 @dataclass(slots=True)

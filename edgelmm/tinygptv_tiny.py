@@ -23,12 +23,11 @@ import torch
 
 from .config import TextConfig
 from .errors import ConfigError
-from .models.eva import EvaConfig
-from .models.qformer import QFormerConfig
-from .models.tinygptv import TinyGPTV, VisualConfig
+from .models.tinygptv import TinyGPTV
 from .staging import staging
 from .tiny import QK_SHARPEN, save_sharded
 from .tiny_tokenizers import write_tiny_tokenizer
+from .tinygptv_config import EvaConfig, QFormerConfig, VisualConfig
 
 EVA = {"width": 32, "depth": 2, "heads": 2, "patch_size": 14}
 PHI2 = {"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 64, "intermediate_size": 256,

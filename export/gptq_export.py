@@ -17,7 +17,7 @@ import torch
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
 from edgelmm.bench_machine import peak_rss_bytes
-from edgelmm.errors import ConfigError
+from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.manifest import write_manifest
 from edgelmm.staging import check_new, staging
 
@@ -50,6 +50,9 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
     synthetic set. ``samples`` caps the number of calibration samples (GPTQ only)."""
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
+    if source.suffix == ".json" and source.is_file():
+        raise UnsupportedModelError(f"{source.name} describes a model assembled from released pieces (TinyGPT-V), "
+                                    "which has no checkpoint layout a GPTQ loader reads; use --format onnx")
     with staging(out) as tmp:
         # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
         lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)

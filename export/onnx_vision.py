@@ -22,7 +22,8 @@ from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 from .onnx_weights import Int8Channels, Packed, fuse, linear_from
 
 
-def _np(t) -> np.ndarray:
+def to_numpy(t) -> np.ndarray:
+    """A tensor as a float32 numpy array."""
     return t.detach().float().numpy()
 
 
@@ -33,19 +34,19 @@ def build_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: s
     g = GraphBuilder("edgelmm_vision", dtype, accuracy_level)
     x = g.input("pixel_values", g.onnx_dtype, ["batch", 3, cfg.image_size, cfg.image_size])
     emb = model.vision.embeddings
-    conv = [g.fp("vision.patch.weight", _np(emb.patch_embedding.weight))]
+    conv = [g.fp("vision.patch.weight", to_numpy(emb.patch_embedding.weight))]
     if emb.patch_embedding.bias is not None:
-        conv.append(g.fp("vision.patch.bias", _np(emb.patch_embedding.bias)))
+        conv.append(g.fp("vision.patch.bias", to_numpy(emb.patch_embedding.bias)))
     x = g.op("Conv", x, *conv, kernel_shape=[cfg.patch_size] * 2, strides=[cfg.patch_size] * 2)  # (B, D, h, w)
     x = g.op("Transpose", g.op("Reshape", x, g.const([0, cfg.hidden_size, -1])), perm=[0, 2, 1])  # (B, h*w, D)
     if cfg.arch == "clip":
         batch = g.op("Gather", g.op("Shape", x), g.const([0]), axis=0)  # (1,)
         shape = g.op("Concat", batch, g.const([1, cfg.hidden_size]), axis=0)
-        cls = g.op("Expand", g.fp("vision.class_embedding", _np(emb.class_embedding).reshape(1, 1, -1)), shape)
+        cls = g.op("Expand", g.fp("vision.class_embedding", to_numpy(emb.class_embedding).reshape(1, 1, -1)), shape)
         x = g.op("Concat", cls, x, axis=1)  # (B, 1+h*w, D)
-    x = g.op("Add", x, g.fp("vision.position_embedding", _np(emb.position_embedding.weight)))
+    x = g.op("Add", x, g.fp("vision.position_embedding", to_numpy(emb.position_embedding.weight)))
     if cfg.arch == "clip":
-        x = _layer_norm(g, x, model.vision.pre_layrnorm, "vision.pre_layrnorm")
+        x = layer_norm(g, x, model.vision.pre_layrnorm, "vision.pre_layrnorm")
     for i, layer in enumerate(model.vision.layers):
         x = _encoder_layer(g, x, layer, f"vision.layers.{i}", cfg, packed)
     if cfg.drop_first_token:
@@ -59,8 +60,9 @@ def build_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: s
     return g.model()
 
 
-def _layer_norm(g: GraphBuilder, x: str, norm: nn.Module, name: str) -> str:
-    return g.op("LayerNormalization", x, g.fp(f"{name}.weight", _np(norm.weight)), g.fp(f"{name}.bias", _np(norm.bias)),
+def layer_norm(g: GraphBuilder, x: str, norm: nn.Module, name: str) -> str:
+    """``norm`` (an nn.LayerNorm) as a LayerNormalization node."""
+    return g.op("LayerNormalization", x, g.fp(f"{name}.weight", to_numpy(norm.weight)), g.fp(f"{name}.bias", to_numpy(norm.bias)),
                 epsilon=norm.eps, axis=-1)
 
 
@@ -69,12 +71,12 @@ def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg,
     def lin(module_name: str) -> Linear:
         return linear_from(layer.get_submodule(module_name), f"{name}.{module_name}", packed)
 
-    h = _layer_norm(g, x, layer.layer_norm1, f"{name}.layer_norm1")
+    h = layer_norm(g, x, layer.layer_norm1, f"{name}.layer_norm1")
     qkv = g.linear(h, fuse([lin(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")]), f"{name}.qkv")
     q, k, v = g.node("Split", [qkv], n_out=3, axis=-1, num_outputs=3)
     a = g.op("MultiHeadAttention", q, k, v, domain=MS_DOMAIN, num_heads=cfg.num_heads)
     x = g.op("Add", x, g.linear(a, lin("self_attn.out_proj"), f"{name}.out_proj"))
-    h = _layer_norm(g, x, layer.layer_norm2, f"{name}.layer_norm2")
+    h = layer_norm(g, x, layer.layer_norm2, f"{name}.layer_norm2")
     h = g.activation(g.linear(h, lin("mlp.fc1"), f"{name}.fc1"), cfg.hidden_act)
     return g.op("Add", x, g.linear(h, lin("mlp.fc2"), f"{name}.fc2"))
 
@@ -89,7 +91,7 @@ def build_embedding(model: nn.Module, image_ids: list[int], table_dtype: str, dt
     is_img = g.op("Equal", ids, g.const(image_ids[0]))
     for other in image_ids[1:]:
         is_img = g.op("Or", is_img, g.op("Equal", ids, g.const(other)))  # (B, S) bool
-    table = g.init("embed_tokens.weight", _np(text.embed_tokens.weight).astype(table_dtype))
+    table = g.init("embed_tokens.weight", to_numpy(text.embed_tokens.weight).astype(table_dtype))
     tok = g.op("Gather", table, g.op("Where", is_img, g.const(0), ids), axis=0)  # (B, S, D)
     if table_dtype != dtype:
         tok = g.op("Cast", tok, to=g.onnx_dtype)

@@ -18,7 +18,8 @@ from reference import sample_image
 from edgelmm import EdgeLMM
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
-from edgelmm.errors import ConfigError
+from edgelmm.errors import ConfigError, UnsupportedModelError
+from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
@@ -31,7 +32,7 @@ from edgelmm.onnx_config import CONFIG_NAME
 from edgelmm.shapes import TINY
 
 CASES = ([(f, "old", "phi") for f in ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")]
-         + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")])
+         + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")] + [("tinygpt-v", "old", "phi")])
 QUESTION = "What is in the picture?"
 STEPS = 12
 RTN4 = QuantSettings(bits=4, group_size=32, method="rtn")
@@ -112,15 +113,17 @@ def test_export_folder_config_and_manifest(exports):
     assert not list(out.parent.glob(".*partial*"))  # written to a temp folder, then renamed
 
 
-def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
-    """The CPU defaults (MatMulNBits accuracy_level 4: int8 activations; the vision tower as int8
+@pytest.mark.parametrize("family,llm,bound", [("tinyllava", "llama", 0.1), ("tinygpt-v", "phi", 0.15)])
+def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path, family, llm, bound):
+    """The CPU defaults (MatMulNBits accuracy_level 4: int8 activations; the vision side as int8
     DynamicQuantizeMatMul) stay near the torch model holding the same weights, and the image still matters."""
-    src = tiny_checkpoint("tinyllava", "old", "llama")
+    src = tiny_checkpoint(family, "old", llm)
     out = export_onnx(src, tmp_path / "acc4", RTN4, progress=False)
     assert {a.i for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "accuracy_level"} == {4}
-    vision_ops = _ops(out, "vision.onnx")
-    assert "DynamicQuantizeMatMul" in vision_ops and "MatMul" not in vision_ops
+    vision_nodes = onnx.load(str(out / "vision.onnx")).graph.node
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in vision_nodes}
+    assert not [n.name for n in vision_nodes if n.op_type == "MatMul" and n.name.startswith(("vision.", "projector."))]
     assert read_manifest(out)["quantization"]["vision_bits"] == 8
     model, ref = EdgeLMM.load(out), EdgeLMM.load(src, device="cpu", dtype=torch.float32)
     quantize_for_onnx(ref, RTN4, vision_bits=8)
@@ -129,7 +132,7 @@ def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path):
     ref_features = ref.backend.encode_image(ref.pixels(image)).numpy()
     mirrored = ref.backend.encode_image(ref.pixels(image.transpose(0))).numpy()  # PIL FLIP_LEFT_RIGHT
     error, image_effect = np.linalg.norm(features - ref_features), np.linalg.norm(mirrored - ref_features)
-    assert error < 0.1 * np.linalg.norm(ref_features) and error < 0.1 * image_effect  # 6.5% measured
+    assert error < bound * np.linalg.norm(ref_features) and error < bound * image_effect  # 6.5% / 9% measured
     ours = model.backend.prefill(ids, features)
     theirs = ref.backend.prefill(ids, torch.from_numpy(ref_features))
     cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
@@ -211,8 +214,9 @@ def test_decoder_graph_matches_torch(case):
         past = {k: result[k.replace("past_key_values", "present")] for k in past}
 
 
-def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path):
-    src, out = tiny_checkpoint("llava-gemma"), tmp_path / "cli-onnx"
+@pytest.mark.parametrize("family", ["llava-gemma", "tinygpt-v"])
+def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path, family):
+    src, out = tiny_checkpoint(family), tmp_path / "cli-onnx"
     assert cli_main(["export", str(src), "--format", "onnx", "--bits", "4", "--method", "rtn", "--block-size", "32",
                      "-o", str(out), "--quiet"]) == 0
     script = textwrap.dedent(f"""
@@ -253,6 +257,18 @@ def test_cuda_target_graphs_are_fp16(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="choose one"):
         export_onnx(tmp_path, tmp_path / "never", dataclasses.replace(RTN4, quantize_vision=True), vision_bits=8,
                     progress=False)
+
+
+def test_tinygptv_refuses_what_it_cannot_export(tiny_checkpoint, tmp_path):
+    """TinyGPT-V has no checkpoint folder a GPTQ loader reads, and --quantize-vision covers LLaVA towers only:
+    both are clear errors that leave nothing behind."""
+    src = tiny_checkpoint("tinygpt-v")
+    with pytest.raises(UnsupportedModelError, match="--format onnx"):
+        export_gptq(src, tmp_path / "gptq", RTN4, progress=False)
+    with pytest.raises(UnsupportedModelError, match="--quantize-vision"):
+        export_onnx(src, tmp_path / "qv", dataclasses.replace(RTN4, quantize_vision=True), vision_bits=16,
+                    progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_benchmark_runs_on_tiny_shape(tmp_path):

@@ -4,44 +4,12 @@ absolute positions, and no final norm: every token of the last block is returned
 ``eva_vit_g.pth`` so the checkpoint loads after a prefix rename only."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-
-
-@dataclass(slots=True)
-class EvaConfig:
-    """EVA ViT hyperparameters; the defaults are ViT-g/14 (``create_eva_vit_g``: 39 of EVA-CLIP's 40 blocks)."""
-
-    width: int = 1408
-    depth: int = 39
-    heads: int = 16
-    patch_size: int = 14
-    image_size: int = 224
-    mlp_ratio: float = 4.3637  # int(1408 * 4.3637) = 6144
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.width % self.heads:
-            raise ConfigError(f"EVA width {self.width} is not a multiple of its {self.heads} heads")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid ** 2 + 1
+from ..tinygptv_config import EvaConfig
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

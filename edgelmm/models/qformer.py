@@ -5,44 +5,12 @@ position embeddings and the text FFN are removed upstream, so only the embedding
 Parameter names follow the BLIP-2 checkpoint (``Qformer.bert.encoder.layer.N...``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..tinygptv_config import QFormerConfig
 from .layers import activation
-
-
-@dataclass(slots=True)
-class QFormerConfig:
-    """Q-Former hyperparameters; the defaults are bert-base-uncased with BLIP-2's cross-attention settings."""
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    encoder_width: int = 1408
-    cross_attention_freq: int = 2
-    num_queries: int = 32
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"Q-Former hidden size {self.hidden_size} is not a multiple of {self.num_heads} heads")
-
-    @classmethod
-    def from_bert(cls, cfg: dict, encoder_width: int, num_queries: int) -> QFormerConfig:
-        """Parse a BERT config.json (as ``BertConfig.from_pretrained("bert-base-uncased")`` reads it)."""
-        try:
-            return cls(hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-                       num_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
-                       norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), hidden_act=cfg.get("hidden_act", "gelu"),
-                       encoder_width=encoder_width, num_queries=num_queries)
-        except KeyError as e:
-            raise ConfigError(f"the Q-Former's BERT config lacks {e}; pass bert-base-uncased's config.json") from None
 
 
 class Heads(nn.Module):

@@ -3,36 +3,17 @@ Phi-2 (``TextModel`` with QK LayerNorm and the post-attention RMSNorm). Offers t
 code uses: ``encode_image``, ``splice`` and ``.text``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
 from ..errors import ConfigError
-from .eva import EvaConfig, EvaViT
-from .qformer import QFormer, QFormerConfig
+from ..tinygptv_config import VisualConfig
+from .eva import EvaViT
+from .qformer import QFormer
 from .text import TextModel
 from .vlm import IMAGE_PLACEHOLDER
-
-
-@dataclass(slots=True)
-class VisualConfig:
-    """The image side up to the language model. ``proj_dim`` is ``llama_proj``'s output (4096 upstream)."""
-
-    eva: EvaConfig
-    qformer: QFormerConfig
-    proj_dim: int = 4096
-
-    def __post_init__(self):
-        if self.qformer.encoder_width != self.eva.width:
-            raise ConfigError(f"the Q-Former cross-attends to {self.qformer.encoder_width}-wide features but "
-                              f"EVA is {self.eva.width} wide")
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.qformer.num_queries
 
 
 class TinyGPTV(nn.Module):
