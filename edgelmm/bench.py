@@ -224,8 +224,9 @@ def _peer_jobs(peer: str, names: list[str], source: Path, root: Path, base: dict
 def run(args) -> dict:
     """Benchmark as ``args`` says; print the header and table; write the JSON and chart; return the report."""
     from .bench_machine import machine_info, usable_cpus
-    from .bench_models import cache_root, shape_folder, source_kind
+    from .bench_models import shape_folder, source_kind
     from .bench_report import header, plot, system_record, table, write_json
+    from .paths import cache_root
 
     if bool(args.model) == bool(args.shape):
         raise SystemExit("edgelmm bench: pass a MODEL folder or --shape NAME (one of them)")

@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,6 @@ EXPORTERS = {"gptq4": ("edgelmm.export.gptq_export",), "onnx4": ("edgelmm.export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
 SHARD_BYTES = 2e9
-
-
-def cache_root(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("EDGELMM_CACHE") or Path.home() / ".cache" / "edgelmm").expanduser()
 
 
 def shape_folder(name: str, root: Path) -> Path:

@@ -10,18 +10,28 @@ keyed by the path relative to the folder with ``/`` separators::
 
 Loading verifies every listed file and raises :class:`ChecksumError` naming the first damaged or missing
 one. Folders without a manifest (checkpoints written by other tools) are not checked. Torch-free.
+
+A file whose sha256 was checked once is not hashed again while its size, modification time, inode and device
+are unchanged (git's index does the same): those are remembered in ``verified.json`` under the cache folder
+(``$EDGELMM_CACHE``, else ``~/.cache/edgelmm``). Files modified within two seconds of being checked are not
+remembered (a same-tick rewrite would keep the stamp). ``EDGELMM_VERIFY=full`` hashes every file every time.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 from .errors import CheckpointError, ChecksumError
+from .paths import cache_root
 
 MANIFEST = "edgelmm.json"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+VERIFIED = "verified.json"
+_RACY_SECONDS = 2.0
 
 
 def sha256_file(path: Path) -> str:
@@ -67,21 +77,72 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
+class VerifiedFiles:
+    """The files whose sha256 was checked, keyed by absolute path: ``[size, mtime_ns, inode, device, sha256]``.
+    An unreadable or unwritable cache only means hashing again."""
+
+    def __init__(self, path: Path):
+        self.path, self.changed = path, False
+        try:
+            self.entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
+            self.entries = {}
+
+    @staticmethod
+    def _stamp(stat: os.stat_result, sha256: str) -> list:
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, sha256]
+
+    def knows(self, path: Path, stat: os.stat_result, sha256: str) -> bool:
+        """Whether ``path`` was checked against ``sha256`` and has not changed since."""
+        return self.entries.get(str(path)) == self._stamp(stat, sha256)
+
+    def add(self, path: Path, stat: os.stat_result, sha256: str) -> None:
+        if time.time() - stat.st_mtime > _RACY_SECONDS:
+            self.entries[str(path)] = self._stamp(stat, sha256)
+            self.changed = True
+
+    def save(self) -> None:
+        """Write the cache (entries of deleted files dropped) atomically; errors are ignored."""
+        if not self.changed:
+            return
+        entries = {name: entry for name, entry in self.entries.items() if os.path.exists(name)}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
 def verify_manifest(folder: Path) -> dict | None:
-    """Check every file the manifest lists against its sha256; return the manifest (None if absent).
+    """Check every file the manifest lists against its sha256 (skipping files already checked and unchanged,
+    see the module docstring); return the manifest (None if absent).
 
     Raises :class:`ChecksumError` naming the first file that is missing or whose content changed.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     manifest = read_manifest(folder)
     if manifest is None:
         return None
+    verified = VerifiedFiles(cache_root() / VERIFIED)
+    full = os.environ.get("EDGELMM_VERIFY") == "full"
     for name, expected in sorted(manifest["files"].items()):
         path = folder / name
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is None or not path.is_file():
             raise ChecksumError(f"{name} is listed in {MANIFEST} but missing from {folder}; copy the whole "
                                 "folder again")
+        if not full and verified.knows(path, stat, expected):
+            continue
         if sha256_file(path) != expected:
             raise ChecksumError(f"{name} in {folder} is damaged: its sha256 differs from the one in "
                                 f"{MANIFEST}; copy or export it again")
+        verified.add(path, stat, expected)
+    verified.save()
     return manifest

@@ -19,6 +19,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests (and the processes they start) keep edgelmm's cache out of the user's ~/.cache/edgelmm."""
+    os.environ["EDGELMM_CACHE"] = str(tmp_path_factory.mktemp("edgelmm-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(family, layout="old", llm="phi") -> path of a tiny random checkpoint, made once."""

@@ -15,7 +15,7 @@ from reference import sample_image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from edgelmm import EdgeLMM
+from edgelmm import EdgeLMM, manifest
 from edgelmm.errors import ChecksumError
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
@@ -243,6 +243,33 @@ def test_flipped_byte_fails_load_with_checksum_error(victim, exported, tmp_path)
     (folder / victim).write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=victim):
         EdgeLMM.load(folder)
+
+
+def test_checked_files_are_not_hashed_again_until_they_change(exported, tmp_path, monkeypatch):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported("mipha", bits=8), folder)
+    past = time.time() - 60  # files older than the racy window are remembered once checked
+    for path in folder.rglob("*"):
+        os.utime(path, (past, past))
+    hashed = []
+    real_sha256 = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
+    manifest.verify_manifest(folder)
+    files = len(manifest.read_manifest(folder)["files"])
+    assert len(hashed) == files
+    manifest.verify_manifest(folder)
+    assert len(hashed) == files  # nothing hashed the second time
+    victim = folder / "model-00001-of-00001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))  # a new modification time
+    with pytest.raises(ChecksumError, match=victim.name):
+        manifest.verify_manifest(folder)
+    os.utime(victim, (past, past))  # the same stamp as the intact file: only a full check sees the change
+    manifest.verify_manifest(folder)
+    monkeypatch.setenv("EDGELMM_VERIFY", "full")
+    with pytest.raises(ChecksumError, match=victim.name):
+        manifest.verify_manifest(folder)
 
 
 # ---- a GPTQ checkpoint written by "another tool": standard layout, no manifest ----
