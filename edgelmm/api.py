@@ -56,7 +56,7 @@ class EdgeLMM:
         if folder.suffix == ".json" and folder.is_file():  # a description file naming released pieces (TinyGPT-V)
             from .tinygptv import load_tinygptv
 
-            return cls(*load_tinygptv(folder, device, dtype, context_length))
+            return cls(*load_tinygptv(folder, device, dtype, context_length, max_memory))
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
         verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)

@@ -185,7 +185,10 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
 
 
 def vision_size(spec) -> VisionSize:
+    """The vision encoder's token count and widths (TinyGPT-V: its EVA's)."""
     v = spec.vision
+    if hasattr(v, "eva"):
+        return VisionSize(v.eva.num_tokens, v.eva.width, v.eva.mlp_dim)
     return VisionSize(v.num_positions, v.hidden_size, v.intermediate_size)
 
 
@@ -201,7 +204,8 @@ def _plan_tinygptv(settings: PlanSettings, budget: int | None) -> MemoryPlan:
     text = TextConfig.from_hf(FULL["phi"], "phi")
     text.qk_layernorm = text.post_attention_rmsnorm = True
     eva = EvaConfig(image_size=448)
+    visual = VisualConfig(eva, QFormerConfig())
     with torch.device("meta"):
-        model = TinyGPTV(VisualConfig(eva, QFormerConfig()), text)
-    tokens = (eva.image_size // eva.patch_size) ** 2 + 1
-    return plan_memory(model, 32, VisionSize(tokens, eva.width, int(eva.width * eva.mlp_ratio)), settings, budget)
+        model = TinyGPTV(visual, text)
+    return plan_memory(model, visual.num_image_tokens, VisionSize(eva.num_tokens, eva.width, eva.mlp_dim), settings,
+                       budget)

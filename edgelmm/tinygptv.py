@@ -175,10 +175,11 @@ def _check(table: TensorTable, params: dict[str, nn.Parameter], desc: Descriptio
                               "is it the right file, complete?")
 
 
-def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | None = None):
+def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | None = None, max_memory=None):
     """Build TinyGPT-V from the description file ``path``; returns (TorchBackend, Tokenizer, path), the
-    arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once."""
-    from .backend_torch import TorchBackend, new_cache, resolve_dtype
+    arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once. ``max_memory`` as in
+    ``EdgeLMM.load``: checked against the plan before the weights are loaded."""
+    from .backend_torch import TorchBackend, check_budget, new_cache, resolve_dtype
     from .models.layers import bind_kernels
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,6 +194,10 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     visual = VisualConfig(desc.eva, qformer, proj_dim)
     with torch.device("meta"):
         model = TinyGPTV(visual, text)
+    model.spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
+                              desc.context_length)
+    if max_memory is not None:  # before any weight is loaded into the model
+        check_budget(model, model.spec, dtype, context_length, max_memory)
     params = dict(model.named_parameters())
     fill_fresh(table, params, desc.pieces["phi2"])
     _check(table, params, desc)
@@ -203,7 +208,5 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     model.text.init_rope(device)
     bind_kernels(model, device)
     model.eval()
-    model.spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
-                              desc.context_length)
     backend = TorchBackend(model, new_cache(model.spec, context_length, dtype, device))
     return backend, Tokenizer.from_dir(desc.pieces["phi2"]), path

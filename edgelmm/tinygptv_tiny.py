@@ -24,6 +24,7 @@ import torch
 from .config import TextConfig
 from .errors import ConfigError
 from .models.tinygptv import TinyGPTV
+from .shapes import FULL
 from .staging import staging
 from .tiny import QK_SHARPEN, save_sharded
 from .tiny_tokenizers import write_tiny_tokenizer
@@ -43,8 +44,6 @@ BERT = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size
         "position_embedding_type": "absolute"}
 PROJ_DIM, LORA_R, LORA_ALPHA, QUERIES = 48, 8, 16, 32
 PEFT = "llama_model.base_model.model."
-FULL_PHI2 = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 51200}
 FULL_BERT = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
              "vocab_size": 30522, "max_position_embeddings": 512}
 FULL_PROJ_DIM, FULL_LORA_R = 4096, 64
@@ -64,7 +63,7 @@ class Sizes:
     @classmethod
     def pick(cls, full: bool) -> Sizes:
         if full:
-            return cls({}, FULL_PHI2, {**BERT, **FULL_BERT}, FULL_PROJ_DIM, FULL_LORA_R, torch.float16)
+            return cls({}, FULL["phi"], {**BERT, **FULL_BERT}, FULL_PROJ_DIM, FULL_LORA_R, torch.float16)
         return cls(EVA, {}, BERT, PROJ_DIM, LORA_R, torch.float32)
 
 

@@ -21,6 +21,7 @@ from edgelmm.config import TextConfig
 from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export import onnx_graph
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
 from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
@@ -111,6 +112,26 @@ def test_export_folder_config_and_manifest(exports):
     assert cfg["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert cfg["search"]["past_present_share_buffer"] is True
     assert not list(out.parent.glob(".*partial*"))  # written to a temp folder, then renamed
+
+
+def test_external_data_export_runs_and_is_readable(exports, tiny_checkpoint, tmp_path, monkeypatch):
+    """Weights as external data (what full-size exports get) run alike, and every file keeps the umask's
+    permissions (onnx creates .data files 0600)."""
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_LIMIT", 0)
+    out = export_onnx(tiny_checkpoint("tinyllava"), tmp_path / "external", RTN4, accuracy_level=0, progress=False,
+                      vision_bits=16)
+    assert {p.name for p in out.glob("*.data")} == {f"{graph}.data" for graph in GRAPHS}
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~_umask()}
+    inline, _ = exports("tinyllava", "old", "phi", 4)
+    image = sample_image()
+    ours = EdgeLMM.load(out).generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
+    assert ours == EdgeLMM.load(inline).generate(image, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("family,llm,bound", [("tinyllava", "llama", 0.1), ("tinygpt-v", "phi", 0.15)])

@@ -61,10 +61,11 @@ def test_int8_kv_halves_the_cache():
     assert int8 < 0.55 * fp16
 
 
-def test_load_refuses_a_model_that_cannot_fit(tiny_checkpoint):
+@pytest.mark.parametrize("family", ["tinyllava", "tinygpt-v"])
+def test_load_refuses_a_model_that_cannot_fit(tiny_checkpoint, family):
     with pytest.raises(MemoryBudgetError, match=r"(?s)needs about.*kv cache.*does NOT fit"):
-        EdgeLMM.load(tiny_checkpoint("tinyllava"), max_memory="2MB")
-    EdgeLMM.load(tiny_checkpoint("tinyllava"), max_memory="1GB")
+        EdgeLMM.load(tiny_checkpoint(family), max_memory="2MB")
+    EdgeLMM.load(tiny_checkpoint(family), max_memory="1GB")
 
 
 def test_load_budgets_a_gptq_export_at_its_bits(tiny_checkpoint, tmp_path):
