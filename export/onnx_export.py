@@ -100,13 +100,14 @@ def quantize_for_onnx(lm: EdgeLMM, settings: QuantSettings | None, lm_head_bits:
     return packed + vision
 
 
-def quantization_info(settings: QuantSettings | None, lm_head_bits: int | None, accuracy_level: int,
+def quantization_info(settings: QuantSettings | None, packed: list[Packed | Int8Channels], accuracy_level: int,
                       vision_bits: int) -> dict:
-    """What the config and manifest record about the export's quantization."""
+    """What the config and manifest record about the export's quantization (``lm_head_bits`` 16 when the
+    head stayed fp, e.g. because its shape cannot be packed)."""
     vision = {"vision_bits": vision_bits} if vision_bits == 8 else {}
     if settings is None:
         return {"bits": 16, "method": None, **vision}
-    head = settings.bits if settings.quantize_lm_head else lm_head_bits or 16
+    head = next((p.bits for p in packed if isinstance(p, Packed) and "text.lm_head" in p.results), 16)
     return {**settings.as_dict(), "block_size": settings.group_size, "lm_head_bits": head,
             "accuracy_level": accuracy_level, "embedding_dtype": "float16",
             "vision_bits": settings.bits if settings.quantize_vision else vision_bits}
@@ -139,15 +140,15 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
         lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)
         spec, model = lm.spec, lm.backend.model
         packed = quantize_for_onnx(lm, settings, lm_head_bits, calibration, samples, progress, vision_bits)
+        info = quantization_info(settings, packed, level, vision_bits)
         vision_graph = build_tinygptv_vision if spec.family == TINYGPTV_FAMILY else build_vision
         save_model(vision_graph(model, packed, dtype, level), tmp / VISION_FILE)
         table = "float16" if settings is not None else dtype
         save_model(build_embedding(model, image_token_ids(spec), table, dtype), tmp / EMBEDDING_FILE)
         decoder = build_decoder(spec.text, decoder_linears(model.text, packed), decoder_norms(model.text), dtype, level)
-        del lm, model
+        del lm, model, packed
         save_model(decoder, tmp / DECODER_FILE)
         del decoder
-        info = quantization_info(settings, lm_head_bits, level, vision_bits)
         (tmp / CONFIG_NAME).write_text(json.dumps(make_genai_config(spec, target, dtype, info), indent=2) + "\n")
         if spec.family == TINYGPTV_FAMILY:  # a description file: the tokenizer is Phi-2's
             copy_side_files(Description.read(source).pieces["phi2"], tmp, keep_config=False)

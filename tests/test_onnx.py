@@ -23,7 +23,7 @@ from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export import onnx_graph
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
-from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
+from edgelmm.export.onnx_export import export_onnx, quantization_info, quantize_for_onnx
 from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
 from edgelmm.kv_cache import KVCache
 from edgelmm.manifest import read_manifest
@@ -112,6 +112,10 @@ def test_export_folder_config_and_manifest(exports):
     assert cfg["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert cfg["search"]["past_present_share_buffer"] is True
     assert not list(out.parent.glob(".*partial*"))  # written to a temp folder, then renamed
+    head = next(n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.name.startswith("lm_head/"))
+    head_bits = {a.name: a.i for a in head.attribute}["bits"] if head.op_type == "MatMulNBits" else 16
+    assert manifest["quantization"]["lm_head_bits"] == head_bits == 8
+    assert quantization_info(RTN4, [], 4, 8)["lm_head_bits"] == 16  # a head left fp (unpackable) says so
 
 
 def test_external_data_export_runs_and_is_readable(exports, tiny_checkpoint, tmp_path, monkeypatch):
