@@ -62,6 +62,11 @@ class EdgeLMM:
         verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
         if is_onnx_export(folder):  # an ONNX export runs on onnxruntime, without torch
             from .backend_onnx import OnnxBackend
+            from .plan import parse_size, plan_onnx_export, require_fit
+
+            if max_memory is not None:
+                require_fit(plan_onnx_export(folder, context_length, parse_size(max_memory)),
+                            "Use a 4-bit export, --vision-bits 8, or a shorter context_length.")
 
             return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)
         from .backend_torch import TorchBackend

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, MemoryBudgetError
+from .errors import ConfigError
 from .families import detect
 from .gptq_load import GPTQSettings, read_gptq_config, use_quant_linears
 from .kv_cache import KVCache
@@ -99,16 +99,13 @@ def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length
                  gptq: GPTQSettings | None = None) -> None:
     """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB"); a GPTQ
     checkpoint's linears are planned at their ``gptq`` bits and group size."""
-    from .plan import PlanSettings, parse_size, plan_memory, vision_size
+    from .plan import PlanSettings, parse_size, plan_memory, require_fit, vision_size
 
     size = torch.empty((), dtype=dtype).element_size()
     quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
     settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)
     plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, parse_size(max_memory))
-    if not plan.fits:
-        raise MemoryBudgetError(f"this model needs about {plan.total / 1e9:.2f} GB but max_memory is "
-                                f"{plan.budget / 1e9:.2f} GB:\n{plan.table()}\nUse a quantized export "
-                                "(edgelmm export --bits 4), a smaller dtype, or a shorter context_length.")
+    require_fit(plan, "Use a quantized export (edgelmm export --bits 4), a smaller dtype, or a shorter context_length.")
 
 
 def context_limit(spec: ModelSpec, context_length: int | None) -> int:

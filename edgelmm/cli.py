@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TinyLLaVA Factory language model")
     tiny.set_defaults(func=cmd_make_tiny)
     plan = sub.add_parser("plan", help="memory budget per part, and whether it fits")
-    plan.add_argument("model", help="checkpoint folder, or a full-size shape: tinyllava-phi2-siglip-3.1b, "
-                      "mipha-3b, llava-gemma-2b, tiny-llava-1.1b, tinygpt-v")
+    plan.add_argument("model", help="checkpoint, GPTQ or ONNX export folder, TinyGPT-V description file, or a "
+                      "full-size shape: tinyllava-phi2-siglip-3.1b, mipha-3b, llava-gemma-2b, tiny-llava-1.1b, tinygpt-v")
     plan.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="LLM weight bits (16: fp16)")
     plan.add_argument("--group-size", type=int, default=128)
     plan.add_argument("--kv", choices=("fp16", "int8"), default="fp16")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, MemoryBudgetError
+from .onnx_config import is_onnx_export
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -71,6 +73,13 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return {"parts": self.parts, "total": self.total, "budget": self.budget, "fits": self.fits}
+
+
+def require_fit(plan: MemoryPlan, advice: str) -> None:
+    """Raise MemoryBudgetError, with the plan's table and ``advice``, when ``plan`` exceeds its budget."""
+    if not plan.fits:
+        raise MemoryBudgetError(f"this model needs about {plan.total / 1e9:.2f} GB but max_memory is "
+                                f"{plan.budget / 1e9:.2f} GB:\n{plan.table()}\n{advice}")
 
 
 def _gb(n: int) -> str:
@@ -139,10 +148,15 @@ def plan_memory(model, image_tokens: int, vision: VisionSize, settings: PlanSett
     return plan
 
 
+def _prompt_tokens(image_tokens: int, s: PlanSettings) -> int:
+    """The prompt the plan assumes: an image plus a typical question (128 tokens)."""
+    return min(s.context, image_tokens + 128)
+
+
 def _workspace(text, image_tokens: int, vision: VisionSize, s: PlanSettings) -> int:
     """Peak transient bytes: the larger of the vision encoder's and the prefill's live activations
     (residual stream, normed input and block output, plus the widest intermediate)."""
-    tokens = min(s.context, image_tokens + 128)  # an image plus a typical question
+    tokens = _prompt_tokens(image_tokens, s)
     gated = 2 if text.arch != "phi" else 1
     qkv = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
     prefill = tokens * (3 * text.hidden_size + max(gated * text.intermediate_size, qkv + text.hidden_size))
@@ -151,12 +165,15 @@ def _workspace(text, image_tokens: int, vision: VisionSize, s: PlanSettings) -> 
 
 
 def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> MemoryPlan:
-    """Plan a checkpoint folder (unquantized or a GPTQ export: its bits and group size are used) or a named
-    full-size shape (``edgelmm.shapes.SHAPES``, ``tinygpt-v``, or a released model's hub name such as
-    ``Mipha-3B`` when no such folder exists)."""
+    """Plan a checkpoint folder (unquantized or a GPTQ export: its bits and group size are used), an ONNX
+    export (:func:`plan_onnx_export`), a TinyGPT-V description file, or a named full-size shape
+    (``edgelmm.shapes.SHAPES``, ``tinygpt-v``, or a released model's hub name such as ``Mipha-3B`` when no
+    such folder exists)."""
+    folder = Path(source).expanduser()
+    if is_onnx_export(folder):  # torch-free, like the backend that runs it
+        return plan_onnx_export(folder, settings.context, budget, settings.overhead)
     import dataclasses
     import json
-    from pathlib import Path
 
     import torch
 
@@ -164,7 +181,8 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
     from .models.vlm import VLM
     from .shapes import SHAPE_ALIASES, shape_config
 
-    folder = Path(source).expanduser()
+    if folder.suffix == ".json" and folder.is_file():
+        return _plan_tinygptv(settings, budget, folder)
     shape = None if folder.is_dir() else SHAPE_ALIASES.get(source.rstrip("/").split("/")[-1].lower())
     if shape == "tinygpt-v":
         return _plan_tinygptv(settings, budget)
@@ -192,20 +210,64 @@ def vision_size(spec) -> VisionSize:
     return VisionSize(v.num_positions, v.hidden_size, v.intermediate_size)
 
 
-def _plan_tinygptv(settings: PlanSettings, budget: int | None) -> MemoryPlan:
-    """TinyGPT-V stage 4: EVA ViT-g/14 at 448 + Q-Former + the modified Phi-2 (model-formats.md §3)."""
+def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path | None = None) -> MemoryPlan:
+    """TinyGPT-V: EVA ViT-g/14 + Q-Former + the modified Phi-2 (model-formats.md §3), from a description file's
+    configs (its stage's image size, Phi-2's and BERT's config.json), else the released stage-4 sizes."""
     import torch
 
     from .config import TextConfig
     from .models.tinygptv import TinyGPTV
     from .shapes import FULL
+    from .tinygptv import Description, bert_config, projection_dim, text_config
     from .tinygptv_config import EvaConfig, QFormerConfig, VisualConfig
 
-    text = TextConfig.from_hf(FULL["phi"], "phi")
-    text.qk_layernorm = text.post_attention_rmsnorm = True
-    eva = EvaConfig(image_size=448)
-    visual = VisualConfig(eva, QFormerConfig())
+    if description is not None:
+        desc = Description.read(description)
+        text, eva = text_config(desc), desc.eva
+        qformer = QFormerConfig.from_bert(bert_config(desc.pieces["qformer_config"]), eva.width, 32)
+        visual = VisualConfig(eva, qformer, projection_dim(desc))
+    else:
+        text = TextConfig.from_hf(FULL["phi"], "phi")
+        text.qk_layernorm = text.post_attention_rmsnorm = True
+        eva = EvaConfig(image_size=448)
+        visual = VisualConfig(eva, QFormerConfig())
     with torch.device("meta"):
         model = TinyGPTV(visual, text)
     return plan_memory(model, visual.num_image_tokens, VisionSize(eva.num_tokens, eva.width, eva.mlp_dim), settings,
                        budget)
+
+
+def plan_onnx_export(folder: Path, context: int | None = None, budget: int | None = None,
+                     overhead: int = 0) -> MemoryPlan:
+    """Plan an ``edgelmm export --format onnx`` folder, torch-free: each graph's weights as written (onnxruntime
+    repacks ``MatMulNBits`` weights into about their size and drops the file's copy), the KV cache in the
+    export's I/O dtype for ``context`` positions (default: the export's context), image features and
+    activations."""
+    from .onnx_config import OnnxConfig
+
+    cfg = OnnxConfig.read(folder)
+    spec, text = cfg.spec, cfg.spec.text
+    io_bytes = 4 if cfg.io_dtype == "float32" else 2
+    context = min(context or cfg.context_length, cfg.context_length)
+    plan = MemoryPlan(budget=budget)
+    for part, graph in (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder)):
+        plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
+    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * text.head_dim * io_bytes
+    image_tokens = spec.vision.num_image_tokens
+    plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
+    settings = PlanSettings(context=context, dtype_bytes=io_bytes)
+    # + GroupQueryAttention's CPU probabilities: every head's prompt rows against the whole shared KV buffer;
+    # x2: onnxruntime's CPU arena grows in powers of two and keeps what it reserved
+    scores = text.num_heads * _prompt_tokens(image_tokens, settings) * context * io_bytes
+    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec), settings) + scores)
+    if overhead:
+        plan.parts["runtime overhead"] = overhead
+    q = cfg.quantization
+    plan.notes.update({
+        "decoder graph": f"{q['bits']}-bit block {q['block_size']}" if q.get("bits", 16) < 16 else cfg.io_dtype,
+        "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
+        "kv cache": f"{cfg.io_dtype}, {context} tokens", "image features": f"{image_tokens} tokens",
+        "activations": f"prefill of {_prompt_tokens(image_tokens, settings)} tokens incl. attention scores, "
+                       f"x2 for the arena (+{2 * text.num_heads * context * io_bytes / 1e6:.2f} MB per longer prompt "
+                       "token)"})
+    return plan

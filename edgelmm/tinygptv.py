@@ -111,11 +111,23 @@ def trained_image_size(checkpoint: dict) -> int | None:
     return {"minigpt_v2": 448, "minigpt4": 224}.get(model.get("arch"))
 
 
-def _bert_config(path: Path) -> dict:
+def bert_config(path: Path) -> dict:
+    """The Q-Former's BERT config.json (``path`` is the file or its folder)."""
     return read_json(path / "config.json" if path.is_dir() else path)
 
 
-def _text_config(desc: Description) -> TextConfig:
+def projection_dim(desc: Description) -> int:
+    """``llama_proj``'s output width (4096 upstream), read from the stage checkpoint's tensor shapes."""
+    tensors = state_dict(read_pth(desc.pieces["checkpoint"], "stage checkpoint"), desc.pieces["checkpoint"],
+                         "stage checkpoint")
+    weight = next((v for k, v in tensors.items() if k.endswith("llama_proj.weight")), None)
+    if weight is None:
+        raise CheckpointError(f"{desc.pieces['checkpoint']} has no llama_proj.weight; is it a TinyGPT-V stage checkpoint?")
+    return weight.shape[0]
+
+
+def text_config(desc: Description) -> TextConfig:
+    """The modified Phi-2's config, from the Phi-2 folder's config.json."""
     folder = desc.pieces["phi2"]
     if not folder.is_dir():
         raise CheckpointError(f"Phi-2 folder {folder} not found; point \"phi2\" at the transformers-4.36 Phi-2 folder")
@@ -185,12 +197,12 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     desc = Description.read(path)
-    text = _text_config(desc)
+    text = text_config(desc)
     table = build_table(desc, text)
     text.vocab_size = _require(table, "text.embed_tokens.weight", desc, "phi2")[0]
     queries = _require(table, "qformer.query_tokens", desc, "qformer")[1]
     proj_dim = _require(table, "llama_proj.weight", desc, "checkpoint")[0]
-    qformer = QFormerConfig.from_bert(_bert_config(desc.pieces["qformer_config"]), desc.eva.width, queries)
+    qformer = QFormerConfig.from_bert(bert_config(desc.pieces["qformer_config"]), desc.eva.width, queries)
     visual = VisualConfig(desc.eva, qformer, proj_dim)
     with torch.device("meta"):
         model = TinyGPTV(visual, text)

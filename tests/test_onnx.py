@@ -257,6 +257,8 @@ def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path, family):
         model = EdgeLMM.load({str(out)!r})
         result = model.generate(image, "What is in the picture?", max_new_tokens=4)
         assert type(model.backend).__name__ == "OnnxBackend"
+        from edgelmm.plan import plan_for, PlanSettings
+        assert plan_for({str(out)!r}, PlanSettings()).parts["decoder graph"] > 0  # planning is torch-free too
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         print("tokens", len(result.token_ids))
     """)

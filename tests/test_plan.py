@@ -3,6 +3,7 @@ and the CLI."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def allocated_bytes(model: EdgeLMM, features: torch.Tensor) -> int:
     return sum(storages.values()) + backend.cache.nbytes + features.numel() * features.element_size()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "tinygpt-v"])
 def test_plan_matches_allocated_bytes_on_tiny_models(tiny_checkpoint, family):
     folder = tiny_checkpoint(family)
     model = EdgeLMM.load(folder, context_length=2048)
@@ -30,6 +31,33 @@ def test_plan_matches_allocated_bytes_on_tiny_models(tiny_checkpoint, family):
     plan = plan_for(str(folder), PlanSettings(dtype_bytes=4, kv_bits=32, context=model.backend.max_seq_len))
     static = plan.total - plan.parts["activations"]
     assert abs(static - allocated_bytes(model, features)) / allocated_bytes(model, features) < 0.10
+
+
+def test_onnx_export_plan_matches_its_graphs_and_kv_buffers(tiny_checkpoint, tmp_path):
+    """An ONNX export is planned torch-free from its own files: graph weights vs the initializers onnx reads,
+    the KV cache vs the buffers the backend allocates; max_memory refuses before any session is made."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelmm.export.gptq_settings import QuantSettings
+    from edgelmm.export.onnx_export import export_onnx
+
+    out = export_onnx(tiny_checkpoint("tinyllava", "old", "llama"), tmp_path / "onnx",
+                      QuantSettings(bits=4, group_size=32, method="rtn"), progress=False)
+    plan = plan_for(str(out), PlanSettings(context=256))
+    for part, graph in (("vision graph", "vision"), ("embedding graph", "embedding"), ("decoder graph", "decoder")):
+        weights = sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(out / f"{graph}.onnx")).graph.initializer)
+        assert weights <= plan.parts[part] < 1.2 * weights + 50_000, part  # + the graph's own protobuf
+    model = EdgeLMM.load(out, context_length=256)
+    kv = sum(int(np.prod(v.shape())) * 4 for pair in model.backend.decoder.kv for v in pair)  # fp32 buffers
+    assert plan.parts["kv cache"] == kv
+    with pytest.raises(MemoryBudgetError, match=r"(?s)needs about.*decoder graph.*does NOT fit"):
+        EdgeLMM.load(out, context_length=256, max_memory=plan.total - 1)
+    EdgeLMM.load(out, context_length=256, max_memory=plan.total)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_onnx.py"  # the full-size measurement
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "measured peak RSS growth" in proc.stdout, proc.stderr
 
 
 def test_quantized_linear_bytes_follow_the_gptq_layout():
