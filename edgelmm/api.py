@@ -15,6 +15,7 @@ from .onnx_config import is_onnx_export
 from .sampling import SamplingParams
 from .spec import IMAGE_PLACEHOLDER
 from .templates import IMAGE_TAG, TEMPLATES, Template
+from .tinygptv_config import is_description
 from .tokenizer import Tokenizer
 
 
@@ -53,7 +54,7 @@ class EdgeLMM:
         ``max_memory`` (e.g. ``"8GB"``) makes loading refuse up front, with the memory plan in the
         MemoryBudgetError, a model that cannot fit instead of running out of memory mid-answer."""
         folder = Path(path).expanduser()
-        if folder.suffix == ".json" and folder.is_file():  # a description file naming released pieces (TinyGPT-V)
+        if is_description(folder):  # a description file naming released pieces (TinyGPT-V)
             from .tinygptv import load_tinygptv
 
             return cls(*load_tinygptv(folder, device, dtype, context_length, max_memory))

@@ -96,16 +96,18 @@ class TorchBackend:
 
 
 def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length: int | None, max_memory,
-                 gptq: GPTQSettings | None = None) -> None:
+                 gptq: GPTQSettings | None = None,
+                 export: str = "a quantized export (edgelmm export --bits 4)") -> None:
     """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB"); a GPTQ
-    checkpoint's linears are planned at their ``gptq`` bits and group size."""
+    checkpoint's linears are planned at their ``gptq`` bits and group size. ``export`` names the smaller
+    export the error suggests."""
     from .plan import PlanSettings, parse_size, plan_memory, require_fit, vision_size
 
     size = torch.empty((), dtype=dtype).element_size()
     quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
     settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)
     plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, parse_size(max_memory))
-    require_fit(plan, "Use a quantized export (edgelmm export --bits 4), a smaller dtype, or a shorter context_length.")
+    require_fit(plan, f"Use {export}, a smaller dtype, or a shorter context_length.")
 
 
 def context_limit(spec: ModelSpec, context_length: int | None) -> int:

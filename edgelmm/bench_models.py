@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import ConfigError, UnsupportedModelError
 from .staging import staging
+from .tinygptv_config import is_description
 
 SHAPE_DTYPES = {"mipha": "bfloat16"}  # else float16: the released checkpoints' dtypes, fp32 ones halved
 EXPORTS = {"gptq4": ["--format", "gptq", "--bits", "4"], "onnx4": ["--format", "onnx", "--bits", "4", "--target", "cpu"]}
@@ -58,7 +59,7 @@ def source_kind(path: Path) -> str:
     """checkpoint, gptq (an edgelmm/GPTQ export), onnx (an ONNX export) or tinygpt-v (a description .json)."""
     from .onnx_config import is_onnx_export
 
-    if path.suffix == ".json" and path.is_file():
+    if is_description(path):
         return "tinygpt-v"
     if is_onnx_export(path):
         return "onnx"

@@ -67,11 +67,16 @@ def cmd_demo(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
+    from .onnx_config import is_onnx_export
     from .plan import PlanSettings, parse_size, plan_for
 
     settings = PlanSettings(bits=args.bits, group_size=args.group_size, kv_bits=8 if args.kv == "int8" else 16,
                             context=args.context, quantize_vision=args.quantize_vision,
                             quantize_lm_head=args.quantize_lm_head, overhead=parse_size(args.overhead))
+    if is_onnx_export(Path(args.model).expanduser()) and (args.bits != 16 or args.kv != "fp16" or args.quantize_vision
+                                                          or args.quantize_lm_head):
+        print("edgelmm plan: an ONNX export is planned as exported; --bits, --kv and --quantize-* are ignored",
+              file=sys.stderr)
     plan = plan_for(args.model, settings, parse_size(args.memory) if args.memory else None)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else f"{args.model}:\n{plan.table()}")
 
@@ -105,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_make_tiny)
     plan = sub.add_parser("plan", help="memory budget per part, and whether it fits")
     plan.add_argument("model", help="checkpoint, GPTQ or ONNX export folder, TinyGPT-V description file, or a "
-                      "full-size shape: tinyllava-phi2-siglip-3.1b, mipha-3b, llava-gemma-2b, tiny-llava-1.1b, tinygpt-v")
+                      "full-size shape: tinyllava-phi2-siglip-3.1b, mipha-3b, llava-gemma-2b, tiny-llava-1.1b, "
+                      "tinygpt-v")
     plan.add_argument("--bits", type=int, choices=(4, 8, 16), default=16, help="LLM weight bits (16: fp16)")
     plan.add_argument("--group-size", type=int, default=128)
     plan.add_argument("--kv", choices=("fp16", "int8"), default="fp16")

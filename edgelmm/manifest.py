@@ -11,10 +11,12 @@ keyed by the path relative to the folder with ``/`` separators::
 Loading verifies every listed file and raises :class:`ChecksumError` naming the first damaged or missing
 one. Folders without a manifest (checkpoints written by other tools) are not checked. Torch-free.
 
-A file whose sha256 was checked once is not hashed again while its size, modification time, inode and device
-are unchanged (git's index does the same): those are remembered in ``verified.json`` under the cache folder
-(``$EDGELMM_CACHE``, else ``~/.cache/edgelmm``). Files modified within two seconds of being checked are not
-remembered (a same-tick rewrite would keep the stamp). ``EDGELMM_VERIFY=full`` hashes every file every time.
+A file whose sha256 was checked once is not hashed again while its size, modification and status-change times,
+inode and device are unchanged (git's index does the same; the status-change time cannot be set back, so a
+rewrite that restores the modification time is still seen): those are remembered in ``verified.json`` under the
+cache folder (``$EDGELMM_CACHE``, else ``~/.cache/edgelmm``). Files modified within two seconds of being checked
+are not remembered (a same-tick rewrite would keep the stamp). ``EDGELMM_VERIFY=full`` hashes every file every
+time.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 class VerifiedFiles:
-    """The files whose sha256 was checked, keyed by absolute path: ``[size, mtime_ns, inode, device, sha256]``.
+    """The files whose sha256 was checked, keyed by absolute path: ``[size, mtime_ns, ctime_ns, inode, device,
+    sha256]``.
     An unreadable or unwritable cache only means hashing again."""
 
     def __init__(self, path: Path):
@@ -92,14 +95,14 @@ class VerifiedFiles:
 
     @staticmethod
     def _stamp(stat: os.stat_result, sha256: str) -> list:
-        return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, sha256]
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev, sha256]
 
     def knows(self, path: Path, stat: os.stat_result, sha256: str) -> bool:
         """Whether ``path`` was checked against ``sha256`` and has not changed since."""
         return self.entries.get(str(path)) == self._stamp(stat, sha256)
 
     def add(self, path: Path, stat: os.stat_result, sha256: str) -> None:
-        if time.time() - stat.st_mtime > _RACY_SECONDS:
+        if time.time() - max(stat.st_mtime, stat.st_ctime) > _RACY_SECONDS:
             self.entries[str(path)] = self._stamp(stat, sha256)
             self.changed = True
 

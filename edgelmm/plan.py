@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, MemoryBudgetError
-from .onnx_config import is_onnx_export
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -169,6 +168,9 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
     export (:func:`plan_onnx_export`), a TinyGPT-V description file, or a named full-size shape
     (``edgelmm.shapes.SHAPES``, ``tinygpt-v``, or a released model's hub name such as ``Mipha-3B`` when no
     such folder exists)."""
+    from .onnx_config import is_onnx_export
+    from .tinygptv_config import is_description
+
     folder = Path(source).expanduser()
     if is_onnx_export(folder):  # torch-free, like the backend that runs it
         return plan_onnx_export(folder, settings.context, budget, settings.overhead)
@@ -181,7 +183,7 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
     from .models.vlm import VLM
     from .shapes import SHAPE_ALIASES, shape_config
 
-    if folder.suffix == ".json" and folder.is_file():
+    if is_description(folder):
         return _plan_tinygptv(settings, budget, folder)
     shape = None if folder.is_dir() else SHAPE_ALIASES.get(source.rstrip("/").split("/")[-1].lower())
     if shape == "tinygpt-v":
@@ -221,6 +223,9 @@ def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path
     from .tinygptv import Description, bert_config, projection_dim, text_config
     from .tinygptv_config import EvaConfig, QFormerConfig, VisualConfig
 
+    if settings.quantize_vision:
+        raise ConfigError("TinyGPT-V's EVA + Q-Former are not GPTQ-quantized (--quantize-vision); its 4-bit ONNX "
+                          "export runs EVA in int8: plan that export folder instead")
     if description is not None:
         desc = Description.read(description)
         text, eva = text_config(desc), desc.eva
@@ -250,7 +255,8 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     io_bytes = 4 if cfg.io_dtype == "float32" else 2
     context = min(context or cfg.context_length, cfg.context_length)
     plan = MemoryPlan(budget=budget)
-    for part, graph in (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder)):
+    graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
+    for part, graph in graphs:
         plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
     plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * text.head_dim * io_bytes
     image_tokens = spec.vision.num_image_tokens

@@ -122,7 +122,8 @@ def projection_dim(desc: Description) -> int:
                          "stage checkpoint")
     weight = next((v for k, v in tensors.items() if k.endswith("llama_proj.weight")), None)
     if weight is None:
-        raise CheckpointError(f"{desc.pieces['checkpoint']} has no llama_proj.weight; is it a TinyGPT-V stage checkpoint?")
+        raise CheckpointError(f"{desc.pieces['checkpoint']} has no llama_proj.weight; is it a TinyGPT-V stage "
+                              "checkpoint?")
     return weight.shape[0]
 
 
@@ -209,7 +210,8 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     model.spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
                               desc.context_length)
     if max_memory is not None:  # before any weight is loaded into the model
-        check_budget(model, model.spec, dtype, context_length, max_memory)
+        check_budget(model, model.spec, dtype, context_length, max_memory,
+                     export=f"its 4-bit ONNX export (edgelmm export {path.name} --format onnx --bits 4)")
     params = dict(model.named_parameters())
     fill_fresh(table, params, desc.pieces["phi2"])
     _check(table, params, desc)

@@ -4,12 +4,19 @@ ViT-g (``EvaConfig``), BLIP-2's Q-Former (``QFormerConfig``), the image side up 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import TextConfig
 from .errors import ConfigError
 from .image import ImageSpec
 
 TINYGPTV_FAMILY = "tinygpt-v"
+
+
+def is_description(path: Path) -> bool:
+    """Whether ``path`` is a model description file (a ``.json`` naming released pieces: TinyGPT-V)."""
+    return path.suffix == ".json" and path.is_file()
+
 
 @dataclass(slots=True)
 class EvaConfig:

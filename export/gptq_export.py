@@ -20,6 +20,7 @@ from edgelmm.bench_machine import peak_rss_bytes
 from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.manifest import write_manifest
 from edgelmm.staging import check_new, staging
+from edgelmm.tinygptv_config import is_description
 
 from .gptq_model import quantize_model
 from .gptq_settings import QuantSettings, quantization_config
@@ -50,7 +51,7 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
     synthetic set. ``samples`` caps the number of calibration samples (GPTQ only)."""
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
-    if source.suffix == ".json" and source.is_file():
+    if is_description(source):
         raise UnsupportedModelError(f"{source.name} describes a model assembled from released pieces (TinyGPT-V), "
                                     "which has no checkpoint layout a GPTQ loader reads; use --format onnx")
     with staging(out) as tmp:

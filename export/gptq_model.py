@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edgelmm.errors import UnsupportedModelError
 from edgelmm.kv_cache import KVCache
 from edgelmm.models.vlm import VLM
 
@@ -246,9 +245,6 @@ def quantize_model(lm, s: QuantSettings, calibration=None, samples: int = 32, pr
     """Quantize the torch model of the loaded EdgeLMM ``lm`` in place: RTN, or GPTQ on ``samples``
     calibration samples from the folder ``calibration`` (None: the built-in synthetic set)."""
     model = lm.backend.model
-    if s.quantize_vision and not isinstance(model, VLM):
-        raise UnsupportedModelError(f"--quantize-vision covers LLaVA-style vision towers, not {lm.spec.family}'s; "
-                                    "its vision side stays fp16, or int8 per channel with --format onnx --vision-bits 8")
     if s.method == "rtn":
         return rtn_quantize_model(model, s, progress)
     data = calibration_samples(calibration, samples)

@@ -1,6 +1,7 @@
-"""``edgelmm export --format onnx``: a checkpoint as three ONNX graphs (vision, embedding, decoder) in the
-onnxruntime-genai multimodal layout, plus ``genai_config.json`` (edgelmm/onnx_config.py), the tokenizer and
-processor files, and the ``edgelmm.json`` manifest — written to a temporary folder, renamed when complete.
+"""``edgelmm export --format onnx``: a checkpoint (or a TinyGPT-V description file) as three ONNX graphs
+(vision, embedding, decoder) in the onnxruntime-genai multimodal layout, plus ``genai_config.json``
+(edgelmm/onnx_config.py), the tokenizer and processor files, and the ``edgelmm.json`` manifest — written to a
+temporary folder, renamed when complete. TinyGPT-V's vision graph is export/onnx_tinygptv.py.
 
 The decoder's linears are quantized by the GPTQ export's own pipeline (export/gptq_model.py: GPTQ on
 calibration data, or RTN) and repacked into ``MatMulNBits``; ``bits=16`` keeps them as fp ``MatMul``.
@@ -8,7 +9,8 @@ The LM head is quantized to ``lm_head_bits`` (RTN, default 8) unless ``--quantiz
 the main pipeline; the token embedding table is stored in fp16 by quantized exports. The vision tower and
 connector are, by default on CPU, int8 per output channel (``vision_bits=8``: ``DynamicQuantizeMatMul``,
 about 3x faster than fp32 ``MatMul`` on an AVX512-VNNI CPU and a quarter of the memory), GPTQ-quantized
-like the decoder with ``--quantize-vision``, or fp (``vision_bits=16``, the CUDA default).
+like the decoder with ``--quantize-vision``, or fp (``vision_bits=16``, the CUDA default). TinyGPT-V's Q-Former
+and projections stay fp (see :func:`vision_int8`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
-from edgelmm.errors import ConfigError
+from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.manifest import write_manifest
 from edgelmm.onnx_config import (
     CONFIG_NAME,
@@ -34,7 +36,7 @@ from edgelmm.onnx_config import (
 )
 from edgelmm.staging import check_new, staging
 from edgelmm.tinygptv import Description
-from edgelmm.tinygptv_config import TINYGPTV_FAMILY
+from edgelmm.tinygptv_config import TINYGPTV_FAMILY, is_description
 
 from .gptq_model import quantizable, quantize_model
 from .gptq_settings import QuantSettings
@@ -116,7 +118,8 @@ def quantization_info(settings: QuantSettings | None, packed: list[Packed | Int8
 def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings | None, target: str = "cpu",
                 accuracy_level: int | None = None, lm_head_bits: int | None = 8, calibration=None,
                 samples: int = 32, progress: bool = True, vision_bits: int | None = None) -> Path:
-    """Export the checkpoint folder (or TinyGPT-V description file) ``model_dir`` to the new folder ``out`` (layout in the module docstring).
+    """Export the checkpoint folder (or TinyGPT-V description file) ``model_dir`` to the new folder ``out``
+    (layout in the module docstring).
 
     ``settings`` None means unquantized (``--bits 16``). ``target`` "cpu" writes fp32 graphs, "cuda" fp16.
     ``accuracy_level`` is MatMulNBits' compute type (default 4 = int8 on CPU, 0 on CUDA). ``vision_bits``
@@ -135,6 +138,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
     vision_bits = vision_bits or default_vision_bits(settings, target)
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
+    if settings is not None and settings.quantize_vision and is_description(source):
+        raise UnsupportedModelError("--quantize-vision covers LLaVA-style vision towers, not TinyGPT-V's EVA + "
+                                    "Q-Former; its quantized CPU export already runs EVA in int8 (--vision-bits 8)")
     with staging(out) as tmp:
         # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
         lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)

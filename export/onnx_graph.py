@@ -164,5 +164,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     data = path.with_name(path.name + ".data")
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    if not data.exists():  # every tensor was under the threshold
+        return [path]
     data.chmod(path.stat().st_mode & 0o777)  # onnx creates it 0600; readable like the graph, as umask says
     return [path, data]

@@ -15,8 +15,10 @@ import onnx
 import torch
 from torch import nn
 
+from edgelmm.tinygptv_config import QFormerConfig
+
 from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from .onnx_vision import layer_norm, to_numpy
+from .onnx_vision import batch_shape, layer_norm, to_numpy
 from .onnx_weights import Int8Channels, Packed, fuse, linear_from
 
 
@@ -28,10 +30,11 @@ def build_tinygptv_vision(model: nn.Module, packed: list[Packed | Int8Channels],
     size = visual.eva.image_size
     x = g.input("pixel_values", g.onnx_dtype, ["batch", 3, size, size])
     conv = eva.patch_embed.proj
-    x = g.op("Conv", x, g.fp("vision.patch.weight", to_numpy(conv.weight)), g.fp("vision.patch.bias", to_numpy(conv.bias)),
-             kernel_shape=[visual.eva.patch_size] * 2, strides=[visual.eva.patch_size] * 2)  # (B, W, G, G)
+    weight, bias = g.fp("vision.patch.weight", to_numpy(conv.weight)), g.fp("vision.patch.bias", to_numpy(conv.bias))
+    x = g.op("Conv", x, weight, bias, kernel_shape=[visual.eva.patch_size] * 2,
+             strides=[visual.eva.patch_size] * 2)  # (B, W, G, G)
     x = g.op("Transpose", g.op("Reshape", x, g.const([0, visual.eva.width, -1])), perm=[0, 2, 1])  # (B, G*G, W)
-    cls = g.op("Expand", g.fp("vision.cls_token", to_numpy(eva.cls_token)), _batch_shape(g, x, visual.eva.width))
+    cls = g.op("Expand", g.fp("vision.cls_token", to_numpy(eva.cls_token)), batch_shape(g, x, visual.eva.width))
     x = g.op("Add", g.op("Concat", cls, x, axis=1), g.fp("vision.pos_embed", to_numpy(eva.pos_embed)))  # (B, 1+G*G, W)
     for i, block in enumerate(eva.blocks):
         x = _eva_block(g, x, block, f"vision.blocks.{i}", visual.eva.heads, packed)
@@ -40,7 +43,7 @@ def build_tinygptv_vision(model: nn.Module, packed: list[Packed | Int8Channels],
     qformer = model.qformer
     with torch.no_grad():
         queries = qformer.layernorm(qformer.query_tokens.float())  # (1, Q, Hq): a constant
-    q = g.op("Expand", g.fp("qformer.queries", to_numpy(queries)), _batch_shape(g, x, qformer.cfg.hidden_size))
+    q = g.op("Expand", g.fp("qformer.queries", to_numpy(queries)), batch_shape(g, x, qformer.cfg.hidden_size))
     for i, layer in enumerate(qformer.layer):
         q = _qformer_layer(g, q, image, layer, f"qformer.layer.{i}", qformer.cfg, packed)
     h = g.linear(q, linear_from(model.llama_proj, "llama_proj", packed), "llama_proj")
@@ -48,12 +51,6 @@ def build_tinygptv_vision(model: nn.Module, packed: list[Packed | Int8Channels],
            outputs=["image_features"])
     g.output("image_features", g.onnx_dtype, ["batch", visual.num_image_tokens, model.spec.text.hidden_size])
     return g.model()
-
-
-def _batch_shape(g: GraphBuilder, x: str, width: int) -> str:
-    """[B, 1, width] for expanding a [1, n, width] constant to the batch of ``x``."""
-    batch = g.op("Gather", g.op("Shape", x), g.const([0]), axis=0)  # (1,)
-    return g.op("Concat", batch, g.const([1, width]), axis=0)
 
 
 def _eva_block(g: GraphBuilder, x: str, block: nn.Module, name: str, heads: int,
@@ -95,7 +92,7 @@ def _attention(g: GraphBuilder, x: str, context: str | None, attention: nn.Modul
     return _add_norm(g, a, x, attention.output, f"{name}.output", packed)
 
 
-def _qformer_layer(g: GraphBuilder, x: str, image: str, layer: nn.Module, name: str, cfg,
+def _qformer_layer(g: GraphBuilder, x: str, image: str, layer: nn.Module, name: str, cfg: QFormerConfig,
                    packed: list[Packed | Int8Channels]) -> str:
     x = _attention(g, x, None, layer.attention, f"{name}.attention", cfg.num_heads, packed)
     if hasattr(layer, "crossattention"):
@@ -104,4 +101,3 @@ def _qformer_layer(g: GraphBuilder, x: str, image: str, layer: nn.Module, name: 
     h = g.activation(g.linear(x, linear_from(h, f"{name}.intermediate_query.dense", packed),
                               f"{name}.intermediate_query.dense"), cfg.hidden_act)
     return _add_norm(g, h, x, layer.output_query, f"{name}.output_query", packed)
-

@@ -40,9 +40,8 @@ def build_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: s
     x = g.op("Conv", x, *conv, kernel_shape=[cfg.patch_size] * 2, strides=[cfg.patch_size] * 2)  # (B, D, h, w)
     x = g.op("Transpose", g.op("Reshape", x, g.const([0, cfg.hidden_size, -1])), perm=[0, 2, 1])  # (B, h*w, D)
     if cfg.arch == "clip":
-        batch = g.op("Gather", g.op("Shape", x), g.const([0]), axis=0)  # (1,)
-        shape = g.op("Concat", batch, g.const([1, cfg.hidden_size]), axis=0)
-        cls = g.op("Expand", g.fp("vision.class_embedding", to_numpy(emb.class_embedding).reshape(1, 1, -1)), shape)
+        cls = g.op("Expand", g.fp("vision.class_embedding", to_numpy(emb.class_embedding).reshape(1, 1, -1)),
+                   batch_shape(g, x, cfg.hidden_size))
         x = g.op("Concat", cls, x, axis=1)  # (B, 1+h*w, D)
     x = g.op("Add", x, g.fp("vision.position_embedding", to_numpy(emb.position_embedding.weight)))
     if cfg.arch == "clip":
@@ -60,10 +59,16 @@ def build_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: s
     return g.model()
 
 
+def batch_shape(g: GraphBuilder, x: str, width: int) -> str:
+    """[B, 1, width] for expanding a [1, n, width] constant to the batch of ``x``."""
+    batch = g.op("Gather", g.op("Shape", x), g.const([0]), axis=0)  # (1,)
+    return g.op("Concat", batch, g.const([1, width]), axis=0)
+
+
 def layer_norm(g: GraphBuilder, x: str, norm: nn.Module, name: str) -> str:
     """``norm`` (an nn.LayerNorm) as a LayerNormalization node."""
-    return g.op("LayerNormalization", x, g.fp(f"{name}.weight", to_numpy(norm.weight)), g.fp(f"{name}.bias", to_numpy(norm.bias)),
-                epsilon=norm.eps, axis=-1)
+    weight, bias = g.fp(f"{name}.weight", to_numpy(norm.weight)), g.fp(f"{name}.bias", to_numpy(norm.bias))
+    return g.op("LayerNormalization", x, weight, bias, epsilon=norm.eps, axis=-1)
 
 
 def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg,
@@ -81,7 +86,8 @@ def _encoder_layer(g: GraphBuilder, x: str, layer: nn.Module, name: str, cfg,
     return g.op("Add", x, g.linear(h, lin("mlp.fc2"), f"{name}.fc2"))
 
 
-def build_embedding(model: nn.Module, image_ids: list[int], table_dtype: str, dtype: str = "float32") -> onnx.ModelProto:
+def build_embedding(model: nn.Module, image_ids: list[int], table_dtype: str,
+                    dtype: str = "float32") -> onnx.ModelProto:
     """The embedding graph: the token table stored as ``table_dtype`` (cast to ``dtype`` after the gather)."""
     text = model.text
     d = text.cfg.hidden_size

@@ -248,28 +248,31 @@ def test_flipped_byte_fails_load_with_checksum_error(victim, exported, tmp_path)
 def test_checked_files_are_not_hashed_again_until_they_change(exported, tmp_path, monkeypatch):
     folder = tmp_path / "copy"
     shutil.copytree(exported("mipha", bits=8), folder)
-    past = time.time() - 60  # files older than the racy window are remembered once checked
-    for path in folder.rglob("*"):
-        os.utime(path, (past, past))
     hashed = []
     real_sha256 = manifest.sha256_file
     monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
-    manifest.verify_manifest(folder)
     files = len(manifest.read_manifest(folder)["files"])
-    assert len(hashed) == files
     manifest.verify_manifest(folder)
-    assert len(hashed) == files  # nothing hashed the second time
+    manifest.verify_manifest(folder)
+    assert len(hashed) == 2 * files  # just written (within the racy window): not remembered yet
+    monkeypatch.setattr(manifest, "_RACY_SECONDS", -1.0)  # as if they had been written a while ago
+    hashed.clear()
+    manifest.verify_manifest(folder)
+    manifest.verify_manifest(folder)
+    assert len(hashed) == files  # hashed once, then remembered
     victim = folder / "model-00001-of-00001.safetensors"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))  # a new modification time
+    intact, stamp = victim.read_bytes(), victim.stat()
+    damaged = bytearray(intact)
+    damaged[len(damaged) // 2] ^= 0x01
+    victim.write_bytes(bytes(damaged))
+    os.utime(victim, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # size and mtime as before: ctime still moved
     with pytest.raises(ChecksumError, match=victim.name):
         manifest.verify_manifest(folder)
-    os.utime(victim, (past, past))  # the same stamp as the intact file: only a full check sees the change
-    manifest.verify_manifest(folder)
+    victim.write_bytes(intact)
     monkeypatch.setenv("EDGELMM_VERIFY", "full")
-    with pytest.raises(ChecksumError, match=victim.name):
-        manifest.verify_manifest(folder)
+    hashed.clear()
+    manifest.verify_manifest(folder)
+    assert len(hashed) == files  # full: every file, every time
 
 
 # ---- a GPTQ checkpoint written by "another tool": standard layout, no manifest ----

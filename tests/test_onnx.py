@@ -19,11 +19,11 @@ from edgelmm import EdgeLMM
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
 from edgelmm.errors import ConfigError, UnsupportedModelError
+from edgelmm.export import onnx_graph
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
-from edgelmm.export import onnx_graph
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
-from edgelmm.export.onnx_export import export_onnx, quantization_info, quantize_for_onnx
+from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
 from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
 from edgelmm.kv_cache import KVCache
 from edgelmm.manifest import read_manifest
@@ -103,7 +103,13 @@ def test_4bit_export_greedy_tokens_match_torch_with_same_weights(exports, family
     assert model.generate(mirrored, QUESTION, max_new_tokens=STEPS, stop_token_ids=()).token_ids == theirs_mirrored
 
 
-def test_export_folder_config_and_manifest(exports):
+def _head_bits(folder: Path) -> int:
+    """The LM head's bits as the decoder graph holds it (16: a fp MatMul)."""
+    head = next(n for n in onnx.load(str(folder / "decoder.onnx")).graph.node if n.name.startswith("lm_head/"))
+    return {a.name: a.i for a in head.attribute}["bits"] if head.op_type == "MatMulNBits" else 16
+
+
+def test_export_folder_config_and_manifest(exports, tiny_checkpoint, tmp_path):
     out, _ = exports("tinyllava", "old", "phi", 4)
     manifest = read_manifest(out)
     assert manifest["backend"] == "onnx" and manifest["quantization"]["bits"] == 4
@@ -112,10 +118,9 @@ def test_export_folder_config_and_manifest(exports):
     assert cfg["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert cfg["search"]["past_present_share_buffer"] is True
     assert not list(out.parent.glob(".*partial*"))  # written to a temp folder, then renamed
-    head = next(n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.name.startswith("lm_head/"))
-    head_bits = {a.name: a.i for a in head.attribute}["bits"] if head.op_type == "MatMulNBits" else 16
-    assert manifest["quantization"]["lm_head_bits"] == head_bits == 8
-    assert quantization_info(RTN4, [], 4, 8)["lm_head_bits"] == 16  # a head left fp (unpackable) says so
+    assert manifest["quantization"]["lm_head_bits"] == _head_bits(out) == 8
+    fp_head = export_onnx(tiny_checkpoint("tinyllava"), tmp_path / "fp-head", RTN4, lm_head_bits=None, progress=False)
+    assert read_manifest(fp_head)["quantization"]["lm_head_bits"] == _head_bits(fp_head) == 16
 
 
 def test_external_data_export_runs_and_is_readable(exports, tiny_checkpoint, tmp_path, monkeypatch):

@@ -33,11 +33,12 @@ def test_plan_matches_allocated_bytes_on_tiny_models(tiny_checkpoint, family):
     assert abs(static - allocated_bytes(model, features)) / allocated_bytes(model, features) < 0.10
 
 
-def test_onnx_export_plan_matches_its_graphs_and_kv_buffers(tiny_checkpoint, tmp_path):
+def test_onnx_export_plan_matches_its_graphs_and_kv_buffers(tiny_checkpoint, tmp_path, monkeypatch):
     """An ONNX export is planned torch-free from its own files: graph weights vs the initializers onnx reads,
     the KV cache vs the buffers the backend allocates; max_memory refuses before any session is made."""
     import numpy as np
     import onnx
+    import onnxruntime
     from onnx import numpy_helper
 
     from edgelmm.export.gptq_settings import QuantSettings
@@ -52,8 +53,10 @@ def test_onnx_export_plan_matches_its_graphs_and_kv_buffers(tiny_checkpoint, tmp
     model = EdgeLMM.load(out, context_length=256)
     kv = sum(int(np.prod(v.shape())) * 4 for pair in model.backend.decoder.kv for v in pair)  # fp32 buffers
     assert plan.parts["kv cache"] == kv
-    with pytest.raises(MemoryBudgetError, match=r"(?s)needs about.*decoder graph.*does NOT fit"):
-        EdgeLMM.load(out, context_length=256, max_memory=plan.total - 1)
+    with monkeypatch.context() as m:  # refused before any session is made
+        m.setattr(onnxruntime, "InferenceSession", None)
+        with pytest.raises(MemoryBudgetError, match=r"(?s)needs about.*decoder graph.*does NOT fit"):
+            EdgeLMM.load(out, context_length=256, max_memory=plan.total - 1)
     EdgeLMM.load(out, context_length=256, max_memory=plan.total)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_onnx.py"  # the full-size measurement
     proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=False)
@@ -75,12 +78,15 @@ def test_released_models_fit_4gb_at_4_bits(name):
     assert plan.parts["llm weights"] < plan_for(name, PlanSettings(bits=16)).parts["llm weights"] / 3
 
 
-def test_tinygpt_v_needs_a_quantized_vision_tower_for_4gb():
-    """Its fp16 EVA ViT-g alone is over 2 GB; at 16 bits the whole model is about TinyGPT-V's own 8 GB claim."""
+def test_tinygpt_v_plan_is_over_4gb_with_its_fp16_vision_tower():
+    """Its fp16 EVA ViT-g alone is over 2 GB; at 16 bits the whole model is about TinyGPT-V's own 8 GB claim.
+    EVA is never GPTQ-quantized (its ONNX export runs it int8), so planning --quantize-vision is refused."""
     assert not plan_for("tinygpt-v", PlanSettings(bits=4), budget=parse_size("4GB")).fits
-    assert plan_for("tinygpt-v", PlanSettings(bits=4, quantize_vision=True), budget=parse_size("4GB")).fits
+    assert plan_for("tinygpt-v", PlanSettings(bits=4)).parts["vision tower"] > 2e9
     full = plan_for("tinygpt-v", PlanSettings(bits=16)).total
     assert 7.5e9 < full < 9e9
+    with pytest.raises(ConfigError, match="ONNX"):
+        plan_for("tinygpt-v", PlanSettings(bits=4, quantize_vision=True))
 
 
 def test_int8_kv_halves_the_cache():
