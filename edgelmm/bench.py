@@ -23,7 +23,8 @@ JSON (``--json``), schema "edgelmm.bench/1"; durations in s, rates per s, sizes 
                  "gpu": null | {"name", "total_memory_bytes", "spec_bandwidth_bytes_per_s"},
                  "jetson": {"is_jetson": bool, "module", "nvpmodel_mode", "jetson_clocks": "on"|"off"|"unknown"|"n/a"},
                  "host_copy_bandwidth_bytes_per_s": float, "memory_bandwidth_bytes_per_s": float,
-                 "memory_bandwidth_method": str, "libraries": {name: version | null}},
+                 "memory_bandwidth_method": str, "libraries": {name: version | null},
+                 "host_copy_bandwidth_after_bytes_per_s": float},  # measured again once every system has run
      "workload": {"model": str, "shape": str | null, "image": str, "prompt_tokens": int, "image_tokens": int,
                   "text_tokens": int, "new_tokens": int, "runs": int, "warmup_runs": int, "dtype": str},
      "systems": [{"name": str, "kind": "backend"|"peer", "status": "ok"|"skipped"|"failed",
@@ -223,7 +224,7 @@ def _peer_jobs(peer: str, names: list[str], source: Path, root: Path, base: dict
 
 def run(args) -> dict:
     """Benchmark as ``args`` says; print the header and table; write the JSON and chart; return the report."""
-    from .bench_machine import machine_info, usable_cpus
+    from .bench_machine import machine_info, measure_bandwidth, usable_cpus
     from .bench_models import shape_folder, source_kind
     from .bench_report import header, plot, system_record, table, write_json
     from .paths import cache_root
@@ -253,6 +254,10 @@ def run(args) -> dict:
         raw = skip or _run_job(job, args.timeout)
         report["systems"].append(system_record(name, system_kind, job, raw, machine["memory_bandwidth_bytes_per_s"]))
     print(table(report["systems"]))
+    after, _ = measure_bandwidth(args.bandwidth_mib * 2**20, threads=threads)  # a shared host drifts: check again
+    machine["host_copy_bandwidth_after_bytes_per_s"] = after
+    print(f"memory bandwidth after the runs: {after / 1e9:.1f} GB/s "
+          f"(before: {machine['host_copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     report["plot"], report["plot_note"] = None, None
     if args.plot:
         report["plot_note"] = plot(report, Path(args.plot))

@@ -64,6 +64,7 @@ def test_report_fields_types_and_units(report):
     assert machine["device"] == "cpu" and machine["gpu"] is None
     assert isinstance(machine["cpu"]["model"], str) and isinstance(machine["cpu"]["flags"]["avx2"], bool)
     assert machine["threads"] >= 1 and machine["memory_bandwidth_bytes_per_s"] > 1e8  # bytes/s, not GB/s
+    assert machine["host_copy_bandwidth_after_bytes_per_s"] > 1e8
     assert machine["jetson"]["nvpmodel_mode"] == "n/a" and machine["jetson"]["jetson_clocks"] == "n/a"
     assert set(machine["libraries"]) >= {"torch", "onnxruntime", "transformers", "llama_cpp"}
     assert workload["prompt_tokens"] == 800 and workload["image_tokens"] + workload["text_tokens"] == 800
