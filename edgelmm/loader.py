@@ -75,6 +75,10 @@ class WeightFiles:
         handle = self._handle(self.file_of[key])
         return tuple(handle[key].shape) if isinstance(handle, dict) else handle.shape(key)
 
+    def dtype(self, key: str) -> torch.dtype:
+        handle = self._handle(self.file_of[key])
+        return handle[key].dtype if isinstance(handle, dict) else handle.dtype(key)
+
     def get(self, key: str) -> torch.Tensor:
         handle = self._handle(self.file_of[key])
         try:

@@ -71,6 +71,9 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][1]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
     def get(self, key: str) -> torch.Tensor:
         """A new tensor holding ``key`` (KeyError when absent)."""
         dtype, shape, offset, nbytes = self._entries[key]

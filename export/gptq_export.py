@@ -18,6 +18,7 @@ from edgelmm import __version__
 from edgelmm.api import EdgeLMM
 from edgelmm.bench_machine import peak_rss_bytes
 from edgelmm.errors import ConfigError, UnsupportedModelError
+from edgelmm.loader import WeightFiles
 from edgelmm.manifest import write_manifest
 from edgelmm.staging import check_new, staging
 from edgelmm.tinygptv_config import is_description
@@ -43,12 +44,27 @@ class ExportReport:
                 f"peak RSS {self.peak_rss / 2**30:.2f} GiB")
 
 
+def load_dtype(source: Path, settings: QuantSettings) -> torch.dtype:
+    """The dtype the export loads the model in. RTN reads weights only, so it loads them as stored (half the
+    memory of fp32 for a 16-bit checkpoint, same results: rounding happens in fp32); GPTQ runs calibration
+    forwards, which want fp32 on a CPU (fp16 matmuls there are emulated), as does a vision tower that may come
+    from another folder (--quantize-vision)."""
+    if settings.method != "rtn" or settings.quantize_vision:
+        return torch.float32
+    files = WeightFiles(source)
+    stored = {files.dtype(key) for key in files.keys()}
+    floats = {d for d in stored if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 and floats <= {torch.float16, torch.bfloat16} else torch.float32
+
+
 def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings, calibration: str | Path | None = None,
-                samples: int = 32, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> ExportReport:
+                samples: int = 32, progress: bool = True, shard_bytes: int = SHARD_BYTES,
+                dtype: torch.dtype | None = None) -> ExportReport:
     """Export the checkpoint folder ``model_dir`` as a GPTQ checkpoint in the new folder ``out``.
 
     ``calibration`` is a calibration folder (see :mod:`edgelmm.export.calibration`); None uses the built-in
-    synthetic set. ``samples`` caps the number of calibration samples (GPTQ only)."""
+    synthetic set. ``samples`` caps the number of calibration samples (GPTQ only). ``dtype`` is the dtype
+    the model is loaded in (default :func:`load_dtype`)."""
     start = time.perf_counter()
     out, source = check_new(out), Path(model_dir).expanduser()
     if is_description(source):
@@ -56,7 +72,7 @@ def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings,
                                     "which has no checkpoint layout a GPTQ loader reads; use --format onnx")
     with staging(out) as tmp:
         # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
-        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)
+        lm = EdgeLMM.load(source, device="cpu", dtype=dtype or load_dtype(source, settings), context_length=1)
         spec = lm.spec
         if settings.quantize_lm_head and spec.text.tie_word_embeddings:
             raise ConfigError("--quantize-lm-head: this model ties its lm_head to the embeddings, which stay fp16")

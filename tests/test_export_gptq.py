@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from edgelmm import EdgeLMM, manifest
 from edgelmm.errors import ChecksumError
-from edgelmm.export.gptq_export import export_gptq
+from edgelmm.export.gptq_export import export_gptq, load_dtype
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.kv_cache import KVCache
 from edgelmm.tiny import FAMILIES
@@ -49,6 +49,18 @@ def read_all(folder) -> dict[str, torch.Tensor]:
         with safe_open(str(folder / name), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return out
+
+
+@pytest.mark.parametrize("family,stored", [("tinyllava", torch.float16), ("mipha", torch.bfloat16)])
+def test_rtn_export_loads_weights_as_stored_with_the_same_result(tiny_checkpoint, tmp_path, family, stored):
+    """RTN loads a 16-bit checkpoint in its own dtype (half the memory of fp32) and writes exactly what an
+    fp32 load writes, since rounding happens in fp32 either way; GPTQ (calibration forwards) loads fp32."""
+    src, rtn = tiny_checkpoint(family), QuantSettings(bits=4, group_size=32, method="rtn")
+    assert load_dtype(src, rtn) == stored
+    assert load_dtype(src, QuantSettings(bits=4, group_size=32)) == torch.float32
+    ours = read_all(export_gptq(src, tmp_path / "auto", rtn, progress=False).out)
+    fp32 = read_all(export_gptq(src, tmp_path / "fp32", rtn, progress=False, dtype=torch.float32).out)
+    assert ours.keys() == fp32.keys() and all(torch.equal(ours[k], fp32[k]) for k in ours)
 
 
 def trajectory_logits(lm: EdgeLMM, image, prompt: str, tokens: list[int]) -> torch.Tensor:
