@@ -18,12 +18,11 @@ from edgelmm import __version__
 from edgelmm.api import EdgeLMM
 from edgelmm.bench_machine import peak_rss_bytes
 from edgelmm.errors import ConfigError, UnsupportedModelError
-from edgelmm.loader import WeightFiles
 from edgelmm.manifest import write_manifest
 from edgelmm.staging import check_new, staging
 from edgelmm.tinygptv_config import is_description
 
-from .gptq_model import quantize_model
+from .gptq_model import load_dtype, quantize_model
 from .gptq_settings import QuantSettings, quantization_config
 from .gptq_writer import SHARD_BYTES, block_name, write_gptq_folder
 
@@ -42,19 +41,6 @@ class ExportReport:
         skipped = f", {len(self.skipped)} left in fp16 (shape not packable)" if self.skipped else ""
         return (f"wrote {self.out}: {self.quantized} linears quantized{skipped}; {self.seconds:.1f} s, "
                 f"peak RSS {self.peak_rss / 2**30:.2f} GiB")
-
-
-def load_dtype(source: Path, settings: QuantSettings) -> torch.dtype:
-    """The dtype the export loads the model in. RTN reads weights only, so it loads them as stored (half the
-    memory of fp32 for a 16-bit checkpoint, same results: rounding happens in fp32); GPTQ runs calibration
-    forwards, which want fp32 on a CPU (fp16 matmuls there are emulated), as does a vision tower that may come
-    from another folder (--quantize-vision)."""
-    if settings.method != "rtn" or settings.quantize_vision:
-        return torch.float32
-    files = WeightFiles(source)
-    stored = {files.dtype(key) for key in files.keys()}
-    floats = {d for d in stored if d.is_floating_point}
-    return floats.pop() if len(floats) == 1 and floats <= {torch.float16, torch.bfloat16} else torch.float32
 
 
 def export_gptq(model_dir: str | Path, out: str | Path, settings: QuantSettings, calibration: str | Path | None = None,

@@ -16,17 +16,39 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from edgelmm.families import detect
 from edgelmm.kv_cache import KVCache
+from edgelmm.loader import WeightFiles, read_json
 from edgelmm.models.vlm import VLM
+from edgelmm.tinygptv_config import is_description
 
 from .calibration import calibration_samples
 from .gptq_settings import QuantSettings
 from .quantize import GPTQ, QuantResult, rtn_quantize
+
+
+def load_dtype(source: Path, settings: QuantSettings | None) -> torch.dtype:
+    """The dtype an export loads the checkpoint folder ``source`` in. RTN (and an unquantized ONNX export,
+    ``settings`` None) reads weights only, so it loads them as stored: half the memory of fp32 for a 16-bit
+    checkpoint, same results, since rounding and the fp32 graph weights are computed from exact fp32 upcasts.
+    GPTQ runs calibration forwards, which want fp32 on a CPU (fp16 matmuls there are emulated), as does a
+    vision tower that may come from another folder (--quantize-vision). TinyGPT-V (a description file) merges
+    LoRA into its weights at load, so it loads in fp32 too."""
+    if is_description(source) or settings is not None and (settings.method != "rtn" or settings.quantize_vision):
+        return torch.float32
+    files = WeightFiles(source)
+    folders = [files]
+    vision_dir = detect(read_json(source / "config.json"), source, files.keys()).vision_dir
+    if vision_dir is not None:  # legacy TinyLLaVA: the vision tower's own checkpoint counts too
+        folders.append(WeightFiles(vision_dir))
+    floats = {f.dtype(key) for f in folders for key in f.keys() if f.dtype(key).is_floating_point}
+    return floats.pop() if len(floats) == 1 and floats <= {torch.float16, torch.bfloat16} else torch.float32
 
 
 @dataclass

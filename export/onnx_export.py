@@ -38,7 +38,7 @@ from edgelmm.staging import check_new, staging
 from edgelmm.tinygptv import Description
 from edgelmm.tinygptv_config import TINYGPTV_FAMILY, is_description
 
-from .gptq_model import quantizable, quantize_model
+from .gptq_model import load_dtype, quantizable, quantize_model
 from .gptq_settings import QuantSettings
 from .gptq_writer import copy_side_files
 from .onnx_decoder import build_decoder
@@ -143,7 +143,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
                                     "Q-Former; its quantized CPU export already runs EVA in int8 (--vision-bits 8)")
     with staging(out) as tmp:
         # context_length=1: no KV cache worth the name (GPTQ calibration brings its own one-layer cache)
-        lm = EdgeLMM.load(source, device="cpu", dtype=torch.float32, context_length=1)
+        lm = EdgeLMM.load(source, device="cpu", dtype=load_dtype(source, settings), context_length=1)
         spec, model = lm.spec, lm.backend.model
         packed = quantize_for_onnx(lm, settings, lm_head_bits, calibration, samples, progress, vision_bits)
         info = quantization_info(settings, packed, level, vision_bits)
