@@ -18,9 +18,8 @@ from reference import sample_image
 from edgelmm import EdgeLMM
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
-from edgelmm.errors import ConfigError, UnsupportedModelError
+from edgelmm.errors import ConfigError
 from edgelmm.export import onnx_graph
-from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
@@ -289,18 +288,6 @@ def test_cuda_target_graphs_are_fp16(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="choose one"):
         export_onnx(tmp_path, tmp_path / "never", dataclasses.replace(RTN4, quantize_vision=True), vision_bits=8,
                     progress=False)
-
-
-def test_tinygptv_refuses_what_it_cannot_export(tiny_checkpoint, tmp_path):
-    """TinyGPT-V has no checkpoint folder a GPTQ loader reads, and --quantize-vision covers LLaVA towers only:
-    both are clear errors that leave nothing behind."""
-    src = tiny_checkpoint("tinygpt-v")
-    with pytest.raises(UnsupportedModelError, match="--format onnx"):
-        export_gptq(src, tmp_path / "gptq", RTN4, progress=False)
-    with pytest.raises(UnsupportedModelError, match="--quantize-vision"):
-        export_onnx(src, tmp_path / "qv", dataclasses.replace(RTN4, quantize_vision=True), vision_bits=16,
-                    progress=False)
-    assert not list(tmp_path.iterdir())
 
 
 def test_benchmark_runs_on_tiny_shape(tmp_path):

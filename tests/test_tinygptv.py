@@ -1,6 +1,7 @@
 """TinyGPT-V: the tiny replica of the released pieces against an independent reference built from transformers'
 modules (tinygptv_reference.py), component by component and end to end; LoRA merge, KV cache, stop string,
 and one typed error per missing or mismatched piece."""
+import dataclasses
 import json
 import shutil
 
@@ -13,6 +14,9 @@ from tinygptv_reference import TinyGPTVReference
 from edgelmm import EdgeLMM
 from edgelmm.config import TextConfig
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError, UnsupportedModelError
+from edgelmm.export.gptq_export import export_gptq
+from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export.onnx_export import export_onnx
 from edgelmm.image import load_image, preprocess
 from edgelmm.kv_cache import KVCache
 from edgelmm.models.layers import bind_kernels
@@ -277,3 +281,15 @@ def test_mismatched_pieces_raise_typed_errors(replicas, tmp_path):
     (broken / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         EdgeLMM.load(_described(replicas, tmp_path, phi2=str(broken)))
+
+
+def test_tinygptv_refuses_what_it_cannot_export(tiny_checkpoint, tmp_path):
+    """TinyGPT-V has no checkpoint folder a GPTQ loader reads, and --quantize-vision covers LLaVA towers only:
+    both are clear errors that leave nothing behind."""
+    src, rtn4 = tiny_checkpoint("tinygpt-v"), QuantSettings(bits=4, group_size=32, method="rtn")
+    with pytest.raises(UnsupportedModelError, match="--format onnx"):
+        export_gptq(src, tmp_path / "gptq", rtn4, progress=False)
+    with pytest.raises(UnsupportedModelError, match="--quantize-vision"):
+        export_onnx(src, tmp_path / "qv", dataclasses.replace(rtn4, quantize_vision=True), vision_bits=16,
+                    progress=False)
+    assert not list(tmp_path.iterdir())
