@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 
 import numpy as np
 import onnxruntime  # noqa: F401  (imported before the baseline, as the backend imports it)
 import tokenizers  # noqa: F401
 
 from edgelmm import EdgeLMM
+from edgelmm.bench_machine import resident_bytes
 from edgelmm.plan import plan_onnx_export
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def peak_resident_bytes() -> int:

@@ -106,7 +106,7 @@ def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length
     size = torch.empty((), dtype=dtype).element_size()
     quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
     settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)
-    plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, parse_size(max_memory))
+    plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec.vision), settings, parse_size(max_memory))
     require_fit(plan, f"Use {export}, a smaller dtype, or a shorter context_length.")
 
 

@@ -131,6 +131,12 @@ def measure_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5, threads: 
     return 2 * size_bytes / best, f"{method}, {size_bytes / 2**20:.0f} MiB buffer, read+write bytes, best of {repeats}"
 
 
+def resident_bytes() -> int:
+    """This process's current resident set size (Linux /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports ru_maxrss in KiB, macOS in bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

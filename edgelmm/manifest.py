@@ -25,6 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
+from stat import S_ISREG
 
 from .errors import CheckpointError, ChecksumError
 from .paths import cache_root
@@ -87,11 +88,10 @@ class VerifiedFiles:
     def __init__(self, path: Path):
         self.path, self.changed = path, False
         try:
-            self.entries = json.loads(path.read_text())
+            entries = json.loads(path.read_text())
         except (OSError, ValueError):
-            self.entries = {}
-        if not isinstance(self.entries, dict):
-            self.entries = {}
+            entries = None
+        self.entries: dict = entries if isinstance(entries, dict) else {}
 
     @staticmethod
     def _stamp(stat: os.stat_result, sha256: str) -> list:
@@ -138,7 +138,7 @@ def verify_manifest(folder: Path) -> dict | None:
             stat = path.stat()
         except OSError:
             stat = None
-        if stat is None or not path.is_file():
+        if stat is None or not S_ISREG(stat.st_mode):
             raise ChecksumError(f"{name} is listed in {MANIFEST} but missing from {folder}; copy the whole "
                                 "folder again")
         if not full and verified.knows(path, stat, expected):

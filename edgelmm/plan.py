@@ -201,15 +201,16 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
     spec = detect(cfg, folder, [])
     with torch.device("meta"):
         model = VLM(spec)
-    return plan_memory(model, spec.vision.num_image_tokens, vision_size(spec), settings, budget)
+    return plan_memory(model, spec.vision.num_image_tokens, vision_size(spec.vision), settings, budget)
 
 
-def vision_size(spec) -> VisionSize:
-    """The vision encoder's token count and widths (TinyGPT-V: its EVA's)."""
-    v = spec.vision
-    if hasattr(v, "eva"):
-        return VisionSize(v.eva.num_tokens, v.eva.width, v.eva.mlp_dim)
-    return VisionSize(v.num_positions, v.hidden_size, v.intermediate_size)
+def vision_size(vision) -> VisionSize:
+    """The vision encoder's token count and widths from a spec's ``vision`` config (TinyGPT-V: its EVA's)."""
+    from .tinygptv_config import VisualConfig
+
+    if isinstance(vision, VisualConfig):
+        return VisionSize(vision.eva.num_tokens, vision.eva.width, vision.eva.mlp_dim)
+    return VisionSize(vision.num_positions, vision.hidden_size, vision.intermediate_size)
 
 
 def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path | None = None) -> MemoryPlan:
@@ -238,8 +239,7 @@ def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path
         visual = VisualConfig(eva, QFormerConfig())
     with torch.device("meta"):
         model = TinyGPTV(visual, text)
-    return plan_memory(model, visual.num_image_tokens, VisionSize(eva.num_tokens, eva.width, eva.mlp_dim), settings,
-                       budget)
+    return plan_memory(model, visual.num_image_tokens, vision_size(visual), settings, budget)
 
 
 def plan_onnx_export(folder: Path, context: int | None = None, budget: int | None = None,
@@ -262,10 +262,11 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     image_tokens = spec.vision.num_image_tokens
     plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
     settings = PlanSettings(context=context, dtype_bytes=io_bytes)
+    prompt = _prompt_tokens(image_tokens, settings)
     # + GroupQueryAttention's CPU probabilities: every head's prompt rows against the whole shared KV buffer;
     # x2: onnxruntime's CPU arena grows in powers of two and keeps what it reserved
-    scores = text.num_heads * _prompt_tokens(image_tokens, settings) * context * io_bytes
-    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec), settings) + scores)
+    scores = text.num_heads * prompt * context * io_bytes
+    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), settings) + scores)
     if overhead:
         plan.parts["runtime overhead"] = overhead
     q = cfg.quantization
@@ -273,7 +274,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
         "decoder graph": f"{q['bits']}-bit block {q['block_size']}" if q.get("bits", 16) < 16 else cfg.io_dtype,
         "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
         "kv cache": f"{cfg.io_dtype}, {context} tokens", "image features": f"{image_tokens} tokens",
-        "activations": f"prefill of {_prompt_tokens(image_tokens, settings)} tokens incl. attention scores, "
+        "activations": f"prefill of {prompt} tokens incl. attention scores, "
                        f"x2 for the arena (+{2 * text.num_heads * context * io_bytes / 1e6:.2f} MB per longer prompt "
                        "token)"})
     return plan

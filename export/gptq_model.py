@@ -47,7 +47,7 @@ def load_dtype(source: Path, settings: QuantSettings | None) -> torch.dtype:
     vision_dir = detect(read_json(source / "config.json"), source, files.keys()).vision_dir
     if vision_dir is not None:  # legacy TinyLLaVA: the vision tower's own checkpoint counts too
         folders.append(WeightFiles(vision_dir))
-    floats = {f.dtype(key) for f in folders for key in f.keys() if f.dtype(key).is_floating_point}
+    floats = {d for d in (f.dtype(key) for f in folders for key in f.keys()) if d.is_floating_point}
     return floats.pop() if len(floats) == 1 and floats <= {torch.float16, torch.bfloat16} else torch.float32
 
 

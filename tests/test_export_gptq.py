@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from edgelmm import EdgeLMM
-from edgelmm.export.gptq_export import export_gptq, load_dtype
+from edgelmm.export.gptq_export import export_gptq
+from edgelmm.export.gptq_model import load_dtype
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.kv_cache import KVCache
 from edgelmm.tiny import FAMILIES

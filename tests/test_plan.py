@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgelmm import EdgeLMM
+from edgelmm.bench_machine import resident_bytes
 from edgelmm.errors import ConfigError, MemoryBudgetError
 from edgelmm.plan import PlanSettings, parse_size, plan_for, quantized_linear_bytes
 from edgelmm.tiny import FAMILIES
@@ -131,11 +132,6 @@ def test_plan_cli_json():
     assert out["fits"] and out["total"] == sum(out["parts"].values()) and out["budget"] == 4_000_000_000
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 @pytest.mark.slow
 def test_plan_matches_measured_memory_for_a_full_size_shape():
     """Materialize the full-size TinyLLaVA-3.1B shape in fp16 (weights and a 2048-token cache, every page
@@ -146,7 +142,7 @@ def test_plan_matches_measured_memory_for_a_full_size_shape():
     from edgelmm.shapes import shape_config
 
     spec = detect(shape_config("tinyllava-phi2-siglip-3.1b"), __import__("pathlib").Path("."), [])
-    before = _rss()
+    before = resident_bytes()
     with torch.device("meta"):
         model = VLM(spec)
     model = model.to_empty(device="cpu").half()
@@ -154,7 +150,7 @@ def test_plan_matches_measured_memory_for_a_full_size_shape():
         t.data.zero_()
     cache = new_cache(spec, 2048, torch.float16, torch.device("cpu"))
     cache.data.zero_()
-    measured = _rss() - before
+    measured = resident_bytes() - before
     plan = plan_for("tinyllava-phi2-siglip-3.1b", PlanSettings(bits=16, context=2048))
     predicted = plan.total - plan.parts["activations"] - plan.parts["image features"]
     print(f"plan {predicted / 1e9:.3f} GB, measured RSS growth {measured / 1e9:.3f} GB")
