@@ -12,7 +12,8 @@ onnxruntime's copy. The run feeds random ``inputs_embeds``: a ``--prompt-tokens`
 Reports decode tok/s, TTFT, peak RSS (this process), the weights' bytes, a memory-copy bandwidth check
 before and after (in a child process), and (unless ``--no-profile``) a per-op-type profile of one prefill and 16 decode steps from
 a second session with ``enable_profiling``. Knobs: ``--bits``, ``--block-size``, ``--accuracy-level`` (4 =
-int8 compute), ``--lm-head-bits``, ``--threads``.
+int8 compute), ``--lm-head-bits``, ``--threads``. The session is the runtime's own (``decoder_session``): 4-bit
+int8-compute linears run on edgelmm's op where it is available; ``EDGELMM_ORT_OPS=0`` measures onnxruntime's kernel.
 """
 from __future__ import annotations
 
@@ -125,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args(argv)
 
-    import onnxruntime as ort
-
-    from edgelmm.backend_onnx import session_options
+    from edgelmm.backend_onnx import decoder_session
     from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     copy_bytes = 1 << (29 if args.shape == "phi2" else 24)
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # its arrays stay out of this process's RSS
         bw_before = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
-    session = ort.InferenceSession(str(path), session_options(args.threads), providers=["CPUExecutionProvider"])
+    session = decoder_session(path, ["CPUExecutionProvider"], args.threads)
     run(session, cfg, 8, 2, context)  # warm-up
     prefill_s, decode_s = run(session, cfg, args.prompt_tokens, args.new_tokens, context)
     peak = peak_rss_bytes()
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
               "weights_gb": round(weights / 1e9, 3), "rss_over_weights": round(peak / weights, 2),
               "bandwidth_gbs_before": round(bw_before, 1), "bandwidth_gbs_after": round(bw_after, 1)}
     if not args.no_profile:
-        opts = session_options(args.threads, profile_prefix=str(folder / "profile"))
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"))
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
         run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
         result["profile"] = profile_summary(session.end_profiling(), skip=3)

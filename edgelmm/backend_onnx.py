@@ -10,10 +10,12 @@ preallocated output; on CUDA the embeddings stay on the device between the embed
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import ort_ops
 from .errors import ConfigError
 from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig
 
@@ -56,6 +58,27 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     return opts
 
 
+def decoder_session(path: Path, providers: list[str], threads: int | None = None,
+                    profile_prefix: str | None = None):
+    """The decoder's InferenceSession. On CPU, when edgelmm's int4 matmul op is available (edgelmm.ort_ops),
+    the graph's 4-bit int8-compute MatMulNBits nodes run on it instead of onnxruntime's kernel."""
+    ort = _ort()
+    opts = session_options(threads, profile_prefix)
+    library = ort_ops.library() if providers == ["CPUExecutionProvider"] else None
+    if library:
+        model, moved = ort_ops.rewrite_model(Path(path).read_bytes())
+        if moved:
+            try:
+                opts.register_custom_ops_library(str(library))
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(Path(path).parent))
+                return ort.InferenceSession(model, opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 - any failure of the op falls back to onnxruntime's kernels
+                print(f"edgelmm: the int4 matmul op did not load, using onnxruntime's ({e})", file=sys.stderr)
+                opts = session_options(threads, profile_prefix)
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
 class KVDecoder:
     """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
     past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask."""
@@ -88,7 +111,7 @@ class KVDecoder:
             self.binding.bind_ortvalue_input("inputs_embeds", embeds)
         self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
         self.session.run_with_iobinding(self.binding)
-        return self.logits.numpy()[0, -1].astype(np.float32, copy=False)
+        return self.logits.numpy()[0, -1].astype(np.float32)  # a copy: the buffer is rewritten next step
 
 
 class OnnxBackend:
@@ -112,10 +135,10 @@ class OnnxBackend:
         config = OnnxConfig.read(folder)
         chosen = providers(config.target, device)
         opts = session_options(threads)
-        sessions = {name: ort.InferenceSession(str(path), opts, providers=chosen if name == "vision" else
-                                               [p for p in chosen if p != "TensorrtExecutionProvider"])
-                    for name, path in (("vision", config.vision), ("embedding", config.embedding),
-                                       ("decoder", config.decoder))}
+        no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
+        sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen),
+                    "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
+                    "decoder": decoder_session(config.decoder, no_trt, threads)}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)
         return cls(config, sessions, device_type, limit)

@@ -1,0 +1,146 @@
+"""edgelmm's onnxruntime int4 matmul op (edgelmm/ort_ops) against onnxruntime's own MatMulNBits (accuracy
+level 4, the same int8-activation numerics) and the dequantization formula; the graph rewrite; exported
+decoders on the op against onnxruntime's kernel; and the fallbacks."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from reference import sample_image
+
+from edgelmm import EdgeLMM, ort_ops
+from edgelmm.backend_onnx import decoder_session
+from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export.onnx_export import export_onnx
+
+pytestmark = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
+                                reason=f"edgelmm's int4 op is unavailable here: {ort_ops.unavailable_reason()}")
+
+
+def _weights(rng, n, k, block, zero_points):
+    """Random MatMulNBits weights and their dequantized fp64 matrix W [N, K] (quant-formats.md §3.1)."""
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)
+    scales = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
+    zeros = rng.integers(0, 16, (n, k // block), dtype=np.uint8) if zero_points else np.full((n, k // block), 8)
+    padded = np.zeros((n, -(-zeros.shape[1] // 2) * 2), np.uint8)
+    padded[:, :zeros.shape[1]] = zeros
+    zp = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1) if zero_points else None
+    w = (codes - np.repeat(zeros, block, 1).astype(np.float64)) * np.repeat(scales, block, 1)
+    return packed, scales, zp, w
+
+
+def _node_model(domain, x_shape, n, k, block, packed, scales, zp, bias, level=4, g_idx=False) -> onnx.ModelProto:
+    inputs = ["x", "b", "s", "z" if zp is not None else "", "g" if g_idx else "", "bias" if bias is not None else ""]
+    while not inputs[-1]:
+        inputs.pop()
+    inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
+    inits += [numpy_helper.from_array(zp, "z")] if zp is not None else []
+    inits += [numpy_helper.from_array(bias, "bias")] if bias is not None else []
+    inits += [numpy_helper.from_array(np.arange(k, dtype=np.int32) // block, "g")] if g_idx else []
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain=domain, K=k, N=n, bits=4, block_size=block,
+                            accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets + ([helper.make_opsetid(domain, 1)]
+                                                             if domain == ort_ops.DOMAIN else []))
+    model.ir_version = 10
+    return model
+
+
+def _run(model: bytes, x, custom: bool):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    if custom:
+        opts.register_custom_ops_library(str(ort_ops.library()))
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+# rows (1 = the GEMV), K, N, block, zero points, bias: K below / not a multiple of the 128-k GEMV chunk, column
+# counts that leave partial 16-column panels and 64-column tiles, row counts that are not multiples of 3
+@pytest.mark.parametrize("rows,k,n,block,zero_points,bias", [
+    (1, 64, 48, 32, False, False), (1, 384, 130, 64, True, False), (1, 2560, 300, 128, False, True),
+    (1, 256, 40, 16, True, True), (1, 512, 20, 256, False, False), (5, 512, 100, 32, True, True),
+    (67, 640, 200, 128, False, True), (130, 1152, 96, 64, True, False), (2, 192, 17, 16, False, False)])
+def test_matches_onnxruntime_matmulnbits(rows, k, n, block, zero_points, bias):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    packed, scales, zp, w = _weights(rng, n, k, block, zero_points)
+    b = rng.standard_normal(n).astype(np.float32) if bias is not None and bias else None
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)
+    x[0, :, 3] *= 20  # an outlier channel: per-block activation scales must stay per block
+    ours = _run(_node_model(ort_ops.DOMAIN, ["a", "m", k], n, k, block, packed, scales, zp, b)
+                .SerializeToString(), x, custom=True)
+    theirs = _run(_node_model("com.microsoft", ["a", "m", k], n, k, block, packed, scales, zp, b)
+                  .SerializeToString(), x, custom=False)
+    exact = x[0].astype(np.float64) @ w.T + (b if b is not None else 0)
+    assert ours.shape == theirs.shape == (1, rows, n)
+    scale = np.abs(exact).max()
+    assert np.abs(ours - theirs).max() < 1e-5 * scale  # same int8 numerics (2e-7 measured)
+    assert np.abs(ours[0] - exact).max() < 3e-2 * scale  # int8 activations vs the fp64 formula
+
+
+def test_rewrite_moves_only_eligible_nodes():
+    """4-bit, accuracy level 4, block dividing K, no g_idx: moved; the rest of the model byte-for-byte kept."""
+    rng = np.random.default_rng(0)
+    packed, scales, _, _ = _weights(rng, 32, 128, 32, False)
+    variants = {"eligible": {}, "fp32 compute": {"level": 0}, "g_idx": {"g_idx": True}}
+    for name, extra in variants.items():
+        model = _node_model("com.microsoft", [1, 128], 32, 128, 32, packed, scales, None, None, **extra)
+        rewritten, moved = ort_ops.rewrite_model(model.SerializeToString())
+        assert moved == (name == "eligible"), name
+        parsed = onnx.load_from_string(rewritten)
+        if moved:
+            assert parsed.graph.node[0].domain == ort_ops.DOMAIN
+            assert (ort_ops.DOMAIN, 1) in {(o.domain, o.version) for o in parsed.opset_import}
+            parsed.graph.node[0].domain = "com.microsoft"
+            del parsed.opset_import[-1]
+        assert parsed == model
+    eight_bit = _node_model("com.microsoft", [1, 128], 32, 128, 32, packed, scales, None, None)
+    next(a for a in eight_bit.graph.node[0].attribute if a.name == "bits").i = 8
+    assert ort_ops.rewrite_model(eight_bit.SerializeToString())[1] == 0
+
+
+@pytest.mark.parametrize("llm", ["phi", "llama", "gemma", "qwen2"])
+def test_exported_decoder_on_the_op_matches_onnxruntime(tiny_checkpoint, tmp_path, monkeypatch, llm):
+    """A 4-bit export (CPU default: accuracy level 4) prefilled on edgelmm's op and on onnxruntime's kernel
+    (833 tokens: 729 image tokens + text): the same next token, and the logits far closer to each other than
+    to the mirrored image's. Not bit-equal: float sums in another order flip a few int8 roundings of the
+    activations, which both kernels quantize per row and block (1e-3 .. 1e-2 after two tiny layers)."""
+    out = export_onnx(tiny_checkpoint("tinyllava", "old", llm), tmp_path / "onnx",
+                      QuantSettings(bits=4, group_size=32, method="rtn"), progress=False)
+    assert ort_ops.rewrite_model((out / "decoder.onnx").read_bytes())[1] > 0
+    image = sample_image()
+    logits = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("EDGELMM_ORT_OPS", setting)
+        model = EdgeLMM.load(out)
+        _, ids = model.prompt_ids("What is in the picture?")
+        logits[setting] = [model.backend.prefill(ids, model.backend.encode_image(model.pixels(img)))
+                           for img in (image, image.transpose(0))]  # PIL FLIP_LEFT_RIGHT
+    (ours, ours_mirrored), (theirs, theirs_mirrored) = logits["1"], logits["0"]
+    gap, image_effect = np.linalg.norm(ours - theirs), np.linalg.norm(theirs_mirrored - theirs)
+    assert gap < 0.03 * np.linalg.norm(theirs) and gap < 0.2 * image_effect
+    assert np.linalg.norm(ours_mirrored - theirs_mirrored) < 0.2 * image_effect
+    assert ours.argmax() == theirs.argmax() and ours_mirrored.argmax() == theirs_mirrored.argmax()
+
+
+def test_off_switch_and_build_failure_fall_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGELMM_ORT_OPS", "0")
+    assert "EDGELMM_ORT_OPS" in ort_ops.unavailable_reason() and ort_ops.library() is None
+    monkeypatch.setenv("EDGELMM_ORT_OPS", "1")
+    monkeypatch.setenv("EDGELMM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    ort_ops._build.cache_clear()
+    try:
+        assert ort_ops.library() is None
+        assert "could not build the int4 matmul op" in capsys.readouterr().err
+        rng = np.random.default_rng(1)
+        packed, scales, _, w = _weights(rng, 32, 128, 32, False)
+        path = tmp_path / "node.onnx"
+        onnx.save(_node_model("com.microsoft", [1, 1, 128], 32, 128, 32, packed, scales, None, None), str(path))
+        session = decoder_session(path, ["CPUExecutionProvider"], threads=1)  # onnxruntime's own kernel
+        x = rng.standard_normal((1, 1, 128)).astype(np.float32)
+        assert np.abs(session.run(None, {"x": x})[0][0] - x[0] @ w.T).max() < 3e-2 * np.abs(x[0] @ w.T).max()
+    finally:
+        ort_ops._build.cache_clear()
