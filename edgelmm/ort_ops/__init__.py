@@ -25,7 +25,8 @@ from pathlib import Path
 from ..paths import cache_root
 from .rewrite import DOMAIN, rewrite_model
 
-SOURCES = ("q4_kernels.c", "q4_op.c")
+SOURCES = ("q4_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
+HEADERS = ("ort_api.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma")
 
@@ -72,7 +73,7 @@ def _build() -> Path | None:
     here = Path(__file__).parent
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([*CFLAGS, version, *((here / s).read_text() for s in SOURCES)]).encode())
+    digest = hashlib.sha256("\0".join([*CFLAGS, version, *((here / s).read_text() for s in SOURCES + HEADERS)]).encode())
     target = cache_root() / "ort_ops" / f"libedgelmm_q4-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target

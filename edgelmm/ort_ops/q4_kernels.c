@@ -167,9 +167,8 @@ void q4_gemm(int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *
 
 /* GEMV operands for one quantized row: per 128-k chunk the even dwords then the odd dwords of Aq
    (lane l of a B chunk holds k 8l..8l+7), each lane's scale (of its block) and 8 x the sum of its 8 values. */
-void q4_gemv_prepare(int K, int bs, const int8_t *aq, const float *as, const int32_t *asum_unused,
-                     int8_t *ag, float *lane_scale, float *lane_zsum) {
-    (void)asum_unused;
+void q4_gemv_prepare(int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
+                     float *lane_zsum) {
     const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
     memset(ag, 0, (size_t)chunks * GEMV_CHUNK);
     for (int c = 0; c < chunks; c++)

@@ -1,19 +1,23 @@
-"""Point a decoder graph's eligible ``MatMulNBits`` nodes at edgelmm's own kernel, without the onnx package.
+"""Point a decoder graph's eligible nodes at edgelmm's own kernels, without the onnx package.
 
 The graph is re-encoded at the protobuf wire level (onnx.proto field numbers): every field is copied as it
 is except, for each eligible node, its ``domain`` (``com.microsoft`` → ``edgelmm``), and the model gains an
-opset import for ``edgelmm``. Eligible: 4-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's
-kernel reproduces), a block size dividing K, no ``g_idx``. External-data initializers stay references.
+opset import for ``edgelmm``. External-data initializers stay references. Eligible:
+- ``MatMulNBits``: 4-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
+  block size dividing K, no ``g_idx``;
+- ``GroupQueryAttention``: no inputs past the rotary caches (position ids, attention bias, head sink), no
+  softcap, sliding window, smooth softmax, interleaved rotary or qk output.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 DOMAIN = "edgelmm"
 _MODEL_OPSET_IMPORT, _MODEL_GRAPH = 8, 7
 _GRAPH_NODE = 1
 _NODE_INPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 4, 5, 7
-_ATTR_NAME, _ATTR_INT = 1, 3
+_ATTR_NAME, _ATTR_FLOAT, _ATTR_INT = 1, 2, 3
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -52,8 +56,8 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object, bytes]]:
             size, pos = _varint(buf, pos)
             value, pos = buf[pos:pos + size], pos + size
         elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
-            value = None
+            size = 8 if wire == _I64 else 4
+            value, pos = buf[pos:pos + size], pos + size
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield field, wire, value, buf[start:pos]
@@ -69,7 +73,7 @@ def _signed(value: int) -> int:
 
 def _eligible(node: bytes) -> bool:
     op_type = domain = ""
-    inputs, ints = [], {}
+    inputs, attrs = [], {}
     for field, _, value, _ in _fields(node):
         if field == _NODE_OP_TYPE:
             op_type = value.decode()
@@ -80,12 +84,20 @@ def _eligible(node: bytes) -> bool:
         elif field == _NODE_ATTRIBUTE:
             attr = {f: v for f, _, v, _ in _fields(value)}
             if _ATTR_INT in attr:
-                ints[attr[_ATTR_NAME].decode()] = _signed(attr[_ATTR_INT])
-    if op_type != "MatMulNBits" or domain != "com.microsoft":
+                attrs[attr[_ATTR_NAME].decode()] = _signed(attr[_ATTR_INT])
+            elif _ATTR_FLOAT in attr:
+                attrs[attr[_ATTR_NAME].decode()] = struct.unpack("<f", attr[_ATTR_FLOAT])[0]
+    if domain != "com.microsoft":
         return False
-    k, block = ints.get("K", 0), ints.get("block_size", 0)
-    return (ints.get("bits") == 4 and ints.get("accuracy_level") == 4 and block >= 16 and k % block == 0
-            and k % 8 == 0 and (len(inputs) < 5 or not inputs[4]))
+    if op_type == "MatMulNBits":
+        k, block = attrs.get("K", 0), attrs.get("block_size", 0)
+        return (attrs.get("bits") == 4 and attrs.get("accuracy_level") == 4 and block >= 16 and k % block == 0
+                and k % 8 == 0 and not any(inputs[4:5]))
+    if op_type == "GroupQueryAttention":
+        defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0,
+                    "qk_output": 0}
+        return not any(inputs[9:]) and all(attrs.get(name, value) == value for name, value in defaults.items())
+    return False
 
 
 def _rewrite_node(node: bytes) -> bytes:
@@ -94,8 +106,8 @@ def _rewrite_node(node: bytes) -> bytes:
 
 
 def rewrite_model(model: bytes) -> tuple[bytes, int]:
-    """``model`` (a serialized ModelProto) with its eligible MatMulNBits nodes in domain ``edgelmm``, and how
-    many nodes were moved."""
+    """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
+    were moved."""
     moved = 0
     out = []
     for field, wire, value, raw in _fields(model):

@@ -1,0 +1,114 @@
+"""edgelmm's GroupQueryAttention op (edgelmm/ort_ops/gqa_*.c) against onnxruntime's own com.microsoft
+GroupQueryAttention on the same inputs: packed and separate q/k/v, fused partial rotary, grouped heads, a
+prompt, a chunk after a past, single-token steps, and the shared past/present buffer the runtime binds."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edgelmm import ort_ops
+
+pytestmark = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
+                                reason=f"edgelmm's ops are unavailable here: {ort_ops.unavailable_reason()}")
+
+
+def _session(domain, heads, kv_heads, head_dim, packed, rotary_half):
+    width = (heads + 2 * kv_heads) * head_dim if packed else heads * head_dim
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("query", f32, [1, "s", width])]
+    names = ["query", "", ""]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, f32, [1, "s", kv_heads * head_dim]) for n in ("key", "value")]
+        names = ["query", "key", "value"]
+    inputs += [helper.make_tensor_value_info(n, f32, [1, kv_heads, "p", head_dim]) for n in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", i32, [1]), helper.make_tensor_value_info("total", i32, [])]
+    names += ["past_key", "past_value", "seqlens_k", "total"]
+    if rotary_half:
+        inputs += [helper.make_tensor_value_info(n, f32, ["m", rotary_half]) for n in ("cos", "sin")]
+        names += ["cos", "sin"]
+    node = helper.make_node("GroupQueryAttention", names, ["out", "present_key", "present_value"], domain=domain,
+                            num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(bool(rotary_half)))
+    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("out", "present_key", "present_value")]
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(helper.make_graph([node], "g", inputs, outputs),
+                              opset_imports=opsets + [helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    if domain == ort_ops.DOMAIN:
+        opts.register_custom_ops_library(str(ort_ops.library()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _feeds(rng, heads, kv_heads, head_dim, packed, rotary_half, steps, past_len=0):
+    """Feeds for consecutive runs of ``steps`` new tokens each, starting after ``past_len`` cached ones."""
+    positions = past_len + sum(steps) + 1
+    angles = np.arange(positions)[:, None] / 10000 ** (np.arange(rotary_half) / max(rotary_half, 1))
+    rotary = {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)} if rotary_half else {}
+    cache = rng.standard_normal((2, 1, kv_heads, past_len, head_dim)).astype(np.float32)
+    total, feeds = past_len, []
+    for s in steps:
+        total += s
+        width = (heads + 2 * kv_heads) * head_dim if packed else heads * head_dim
+        feed = {"query": rng.standard_normal((1, s, width)).astype(np.float32) * 2,
+                "seqlens_k": np.array([total - 1], np.int32), "total": np.array(total, np.int32), **rotary}
+        if not packed:
+            feed.update(key=rng.standard_normal((1, s, kv_heads * head_dim)).astype(np.float32) * 2,
+                        value=rng.standard_normal((1, s, kv_heads * head_dim)).astype(np.float32))
+        feeds.append(feed)
+    return cache, feeds
+
+
+CASES = [  # heads, kv heads, head dim, packed q|k|v, rotary_dim / 2 (0: none), steps, past
+    (4, 4, 80, True, 16, [70, 1, 1], 0),    # Phi-2's layout: packed, 32 of 80 dims rotated
+    (8, 2, 64, False, 0, [3, 1], 5),        # grouped heads, a chunk after a past, no rotary
+    (2, 1, 48, False, 24, [33, 17, 1], 0),  # chunked prefill, rotary over the whole head
+    (4, 2, 256, True, 8, [130, 1], 0),      # the largest head, more than 64 rows per head
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,packed,rotary_half,steps,past", CASES)
+def test_matches_onnxruntime_gqa(heads, kv_heads, head_dim, packed, rotary_half, steps, past):
+    rng = np.random.default_rng(heads * 100 + head_dim)
+    cache, feeds = _feeds(rng, heads, kv_heads, head_dim, packed, rotary_half, steps, past)
+    ours = _session(ort_ops.DOMAIN, heads, kv_heads, head_dim, packed, rotary_half)
+    theirs = _session("com.microsoft", heads, kv_heads, head_dim, packed, rotary_half)
+    caches = {"ours": (cache[0], cache[1]), "theirs": (cache[0], cache[1])}
+    for feed in feeds:
+        results = {}
+        for name, session in (("ours", ours), ("theirs", theirs)):
+            k, v = caches[name]
+            results[name] = session.run(None, {**feed, "past_key": k, "past_value": v})
+            caches[name] = results[name][1], results[name][2]
+        for a, b in zip(results["ours"], results["theirs"]):
+            assert a.shape == b.shape
+            assert np.abs(a - b).max() < 2e-5 * np.abs(b).max()
+
+
+def test_shared_buffer_is_written_in_place():
+    """The runtime binds one preallocated buffer as past and present: the op appends in place and reads it."""
+    heads, kv_heads, head_dim, half, buffer = 4, 2, 64, 16, 48
+    rng = np.random.default_rng(7)
+    _, feeds = _feeds(rng, heads, kv_heads, head_dim, True, half, [20, 1, 1])
+    outputs = {}
+    for domain in (ort_ops.DOMAIN, "com.microsoft"):
+        session = _session(domain, heads, kv_heads, head_dim, True, half)
+        k, v = (ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, buffer, head_dim), np.float32))
+                for _ in range(2))
+        binding, outs = session.io_binding(), []
+        binding.bind_ortvalue_input("past_key", k)
+        binding.bind_ortvalue_input("past_value", v)
+        for feed in feeds:
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            binding.clear_binding_outputs()  # "out" first: copy_outputs_to_cpu() keeps the binding order
+            binding.bind_output("out")
+            binding.bind_ortvalue_output("present_key", k)
+            binding.bind_ortvalue_output("present_value", v)
+            session.run_with_iobinding(binding)
+            outs.append(binding.copy_outputs_to_cpu()[0])
+        total = sum(f["query"].shape[1] for f in feeds)
+        outputs[domain] = outs, k.numpy()[:, :, :total].copy(), v.numpy()[:, :, :total].copy()
+    (ours, ours_k, ours_v), (theirs, theirs_k, theirs_v) = outputs[ort_ops.DOMAIN], outputs["com.microsoft"]
+    for a, b in zip([*ours, ours_k, ours_v], [*theirs, theirs_k, theirs_v]):
+        assert np.abs(a - b).max() < 2e-5 * np.abs(b).max()
