@@ -60,13 +60,15 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 
 def decoder_session(path: Path, providers: list[str], threads: int | None = None,
                     profile_prefix: str | None = None):
-    """The decoder's InferenceSession. On CPU, when edgelmm's int4 matmul op is available (edgelmm.ort_ops),
-    the graph's 4-bit int8-compute MatMulNBits nodes run on it instead of onnxruntime's kernel."""
+    """The decoder's InferenceSession. On CPU, when edgelmm's ops are available (edgelmm.ort_ops), the graph's
+    4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes run on them instead of onnxruntime's
+    kernels, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``."""
     ort = _ort()
     opts = session_options(threads, profile_prefix)
     library = ort_ops.library() if providers == ["CPUExecutionProvider"] else None
     if library:
-        model, moved = ort_ops.rewrite_model(Path(path).read_bytes())
+        half_cache = os.environ.get("EDGELMM_ONNX_KV", "float16") != "float32"
+        model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), half_cache)
         if moved:
             try:
                 opts.register_custom_ops_library(str(library))
@@ -87,9 +89,13 @@ class KVDecoder:
         ort = _ort()
         self.session, self.max_seq_len, self.device_type = session, max_seq_len, device_type
         shape = [1, text.num_kv_heads, max_seq_len, text.head_dim]
-        self.kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0),
-                    ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device_type, 0))
-                   for _ in range(text.num_layers)]
+        types = {i.name: i.type for i in session.get_inputs()}  # fp16 caches on edgelmm's attention op
+
+        def cache(name):
+            cache_dtype = np.float16 if types.get(name) == "tensor(float16)" else dtype
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, cache_dtype, device_type, 0)
+
+        self.kv = [(cache(PAST_KEY % i), cache(PAST_VALUE % i)) for i in range(text.num_layers)]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, text.vocab_size], dtype, "cpu", 0)
         self.mask = np.ones((1, max_seq_len), np.int64)
         self.binding = session.io_binding()

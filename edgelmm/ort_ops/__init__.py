@@ -27,8 +27,8 @@ from .rewrite import DOMAIN, rewrite_model
 
 SOURCES = ("q4_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
 HEADERS = ("ort_api.h",)
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c")
 
 __all__ = ["DOMAIN", "library", "rewrite_model", "unavailable_reason"]
 

@@ -1,7 +1,7 @@
-/* Causal attention over a KV cache for one sequence (batch 1), fp32, AVX-512: the compute behind
-   edgelmm.GroupQueryAttention (q_op.c). Rotary (rotate-half on the first rotary_dim dims) is applied to the
+/* Causal attention over a KV cache for one sequence (batch 1), fp32 compute over an fp32 or fp16 cache,
+   AVX-512: the compute behind edgelmm.GroupQueryAttention (gqa_op.c). Rotary (rotate-half on the first rotary_dim dims) is applied to the
    new queries and keys; the new keys/values are written into the cache at their positions; each query row
-   attends to positions 0..its own, online-softmax over 16-key blocks, so the masked upper triangle is never
+   attends to positions 0..its own, online-softmax over key blocks, so the masked upper triangle is never
    computed. */
 #include <immintrin.h>
 #include <math.h>
@@ -25,6 +25,29 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* 16 cache values at element i (fp16 when `half`), lanes outside m zero. */
+static inline __m512 load16(const void *cache, size_t i, __mmask16 m, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)cache + i))
+                : _mm512_maskz_loadu_ps(m, (const float *)cache + i);
+}
+
+static inline float load1(const void *cache, size_t i, const int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+/* row [n] stored into the cache at element i (rounded to fp16 when `half`). */
+void gqa_store_row(void *cache, size_t i, const float *row, int n, int half) {
+    if (!half) {
+        memcpy((float *)cache + i, row, sizeof(float) * n);
+        return;
+    }
+    for (int d = 0; d < n; d += 16) {
+        const __mmask16 m = n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1);
+        _mm256_mask_storeu_epi16((uint16_t *)cache + i + d, m,
+                                 _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, row + d), _MM_FROUND_TO_NEAREST_INT));
+    }
 }
 
 /* x[0..rotary_dim) rotated by position pos (cos/sin rows of rotary_dim/2), the rest copied, times scale. */
@@ -57,7 +80,8 @@ typedef struct { float max, sum; } Softmax;
 
 /* One online-softmax step of a row: scores s (lanes past `valid` masked), then o = o * alpha + p . V block. */
 static inline __attribute__((always_inline)) void softmax_step(__m512 s, int valid, Softmax *st, float *o,
-                                                                const float *values, const int head_dim) {
+                                                                const void *values, size_t v0, const int head_dim,
+                                                                const int half) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     s = _mm512_mask_blend_ps(valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1), _mm512_set1_ps(-INFINITY), s);
@@ -73,15 +97,15 @@ static inline __attribute__((always_inline)) void softmax_step(__m512 s, int val
     for (int t = 0; t < valid; t++) {
         const __m512 pt = _mm512_set1_ps(pv[t]);
         for (int v = 0; v < vecs; v++)
-            acc[v] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail,
-                                                               values + (size_t)t * head_dim + v * 16), acc[v]);
+            acc[v] = _mm512_fmadd_ps(pt, load16(values, v0 + (size_t)t * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail,
+                                                half), acc[v]);
     }
     for (int v = 0; v < vecs; v++) _mm512_mask_storeu_ps(o + v * 16, v + 1 < vecs ? 0xFFFF : tail, acc[v]);
 }
 
 /* One query row at position pos (a decode step): scores of 16 keys at a time as 16 dot products. */
-static inline __attribute__((always_inline)) void attend_one(int pos, const int head_dim, const float *q, const float *keys,
-                                                              const float *values, float *out) {
+static inline __attribute__((always_inline)) void attend_one(int pos, const int head_dim, const float *q, const void *keys,
+                                                              const void *values, float *out, const int half) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     __m512 qv[MAX_HEAD_DIM / 16], dots[KEYS];
@@ -95,11 +119,11 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
             __m512 d = _mm512_setzero_ps();
             if (t < nk)
                 for (int v = 0; v < vecs; v++)
-                    d = _mm512_fmadd_ps(qv[v], _mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail,
-                                                                     keys + (size_t)(j0 + t) * head_dim + v * 16), d);
+                    d = _mm512_fmadd_ps(qv[v], load16(keys, (size_t)(j0 + t) * head_dim + v * 16,
+                                                      v + 1 < vecs ? 0xFFFF : tail, half), d);
             dots[t] = d;
         }
-        softmax_step(lane_sums(dots), nk, &st, o, values + (size_t)j0 * head_dim, head_dim);
+        softmax_step(lane_sums(dots), nk, &st, o, values, (size_t)j0 * head_dim, head_dim, half);
     }
     const float inv = 1.f / st.sum;
     for (int d = 0; d < head_dim; d++) out[d] = o[d] * inv;
@@ -111,8 +135,9 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
 
 /* Rows [g, g+GROUP_ROWS) of a block over keys j0..j0+nk-1 (kt: those keys transposed, [d][BLOCK_KEYS]):
    scores, the online-softmax update of each row, and o = o * alpha + p . V. Rows past `live` are padding. */
-static inline __attribute__((always_inline)) void prefill_group(int live, int first_pos, int j0, int nk, const int head_dim, const float *q, const float *kt,
-                                 const float *values, Softmax *st, float *o) {
+static inline __attribute__((always_inline)) void prefill_group(int live, int first_pos, int j0, int nk, const int head_dim,
+                                                                 const float *q, const float *kt, const void *values,
+                                                                 Softmax *st, float *o, const int half) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     __m512 s[GROUP_ROWS][2];
@@ -153,9 +178,8 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
             acc[i][v] = i < live ? _mm512_mul_ps(_mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, o + (size_t)i * head_dim + v * 16),
                                                  _mm512_set1_ps(alpha[i])) : _mm512_setzero_ps();
     for (int t = 0; t < nk; t++) {
-        const float *vr = values + (size_t)t * head_dim;
         for (int v = 0; v < vecs; v++) {
-            const __m512 x = _mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, vr + v * 16);
+            const __m512 x = load16(values, ((size_t)j0 + t) * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail, half);
             for (int i = 0; i < GROUP_ROWS; i++) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][t]), x, acc[i][v]);
         }
     }
@@ -165,9 +189,10 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
 }
 
 static inline __attribute__((always_inline)) void attend(int rows, int first_pos, const int head_dim, const float *q,
-                                                         const float *keys, const float *values, float *out, int ldo) {
+                                                         const void *keys, const void *values, float *out, int ldo,
+                                                         const int half) {
     if (rows == 1) {
-        attend_one(first_pos, head_dim, q, keys, values, out);
+        attend_one(first_pos, head_dim, q, keys, values, out, half);
         return;
     }
     static __thread float kt[MAX_HEAD_DIM * BLOCK_KEYS] __attribute__((aligned(64)));  /* [d][key] */
@@ -181,12 +206,12 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
             const int nk = last_pos + 1 - j0 < BLOCK_KEYS ? last_pos + 1 - j0 : BLOCK_KEYS;
             for (int t = 0; t < BLOCK_KEYS; t++)
                 for (int d = 0; d < head_dim; d++)
-                    kt[d * BLOCK_KEYS + t] = t < nk ? keys[(size_t)(j0 + t) * head_dim + d] : 0.f;
+                    kt[d * BLOCK_KEYS + t] = t < nk ? load1(keys, (size_t)(j0 + t) * head_dim + d, half) : 0.f;
             for (int g = 0; g < nr; g += GROUP_ROWS) {
                 const int live = nr - g < GROUP_ROWS ? nr - g : GROUP_ROWS, first = first_pos + r0 + g;
                 if (j0 <= first + live - 1)  /* causal: some row of the group sees these keys */
-                    prefill_group(live, first, j0, nk, head_dim, q + (size_t)(r0 + g) * head_dim, kt,
-                                  values + (size_t)j0 * head_dim, st + g, o_buf + (size_t)g * head_dim);
+                    prefill_group(live, first, j0, nk, head_dim, q + (size_t)(r0 + g) * head_dim, kt, values, st + g,
+                                  o_buf + (size_t)g * head_dim, half);
             }
         }
         for (int r = 0; r < nr; r++) {
@@ -197,16 +222,19 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
 }
 
 /* Attention of `rows` query rows (already rotated and scaled, [rows][head_dim]) at positions first_pos..,
-   over keys/values [positions][head_dim] (cache rows 0..first_pos+rows-1); out: rows of stride ldo.
-   Common head sizes get a kernel with the size fixed, so the accumulators stay in registers. */
-void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const float *keys, const float *values,
-                float *out, int ldo) {
+   over the cache's keys/values [positions][head_dim] (fp16 when `half`; rows 0..first_pos+rows-1); out: rows
+   of stride ldo. Common head sizes get a kernel with the size fixed, so the accumulators stay in registers. */
+void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
+                float *out, int ldo, int half) {
+#define ATTEND(D) (half ? attend(rows, first_pos, D, q, keys, values, out, ldo, 1) \
+                        : attend(rows, first_pos, D, q, keys, values, out, ldo, 0))
     switch (head_dim) {
-    case 64: attend(rows, first_pos, 64, q, keys, values, out, ldo); break;
-    case 80: attend(rows, first_pos, 80, q, keys, values, out, ldo); break;
-    case 96: attend(rows, first_pos, 96, q, keys, values, out, ldo); break;
-    case 128: attend(rows, first_pos, 128, q, keys, values, out, ldo); break;
-    case 256: attend(rows, first_pos, 256, q, keys, values, out, ldo); break;
-    default: attend(rows, first_pos, head_dim, q, keys, values, out, ldo); break;
+    case 64: ATTEND(64); break;
+    case 80: ATTEND(80); break;
+    case 96: ATTEND(96); break;
+    case 128: ATTEND(128); break;
+    case 256: ATTEND(256); break;
+    default: ATTEND(head_dim); break;
     }
+#undef ATTEND
 }

@@ -1,5 +1,5 @@
 /* edgelmm.GroupQueryAttention: com.microsoft GroupQueryAttention for one sequence on CPU (fp32), on
-   gqa_kernels.c. Inputs as the original: query [1, S, Hq*D] (or packed q|k|v when key/value are absent),
+   gqa_kernels.c; edgelmm.GroupQueryAttentionHalfCache: the same over an fp16 cache (past/present fp16). Inputs as the original: query [1, S, Hq*D] (or packed q|k|v when key/value are absent),
    key, value [1, S, Hkv*D], past_key/past_value [1, Hkv, P, D] (P may be the whole preallocated buffer,
    bound as present too: the new rows are written in place), seqlens_k [1] (total - 1), total_sequence_length,
    cos/sin caches [max_pos, rotary_dim/2] when do_rotary. */
@@ -11,15 +11,18 @@
 
 void gqa_rotate(const float *x, float *out, int head_dim, int rotary_dim, const float *cos_row, const float *sin_row,
                 float scale);
-void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const float *keys, const float *values,
-                float *out, int ldo);
+void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
+                float *out, int ldo, int half);
+void gqa_store_row(void *cache, size_t i, const float *row, int n, int half);
 
 #define ROWS_PER_TASK 64
 
-typedef struct { int heads, kv_heads, rotary; float scale; } Node;
+enum { T_FLOAT16 = 10 };
+
+typedef struct { int heads, kv_heads, rotary, half; float scale; } Node;
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
-    (void)op; (void)api;
+    (void)api;
     const int64_t heads = op_attr_int(info, "num_heads", 0), kv_heads = op_attr_int(info, "kv_num_heads", 0);
     if (heads < 1 || kv_heads < 1 || heads % kv_heads || op_attr_int(info, "rotary_interleaved", 0) ||
         op_attr_int(info, "local_window_size", -1) != -1 || op_attr_float(info, "softcap", 0.f) != 0.f ||
@@ -30,6 +33,7 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
     node->heads = (int)heads; node->kv_heads = (int)kv_heads;
     node->rotary = (int)op_attr_int(info, "do_rotary", 0);
     node->scale = op_attr_float(info, "scale", 0.f);
+    node->half = op == &group_query_attention_half_cache_op;
     *out = node;
     return 0;
 }
@@ -38,7 +42,8 @@ typedef struct {
     const Node *node;
     int S, D, past, rows_len, q_stride, k_offset, v_offset, kv_stride, rotary_dim, tasks_per_head;
     const float *q, *k, *v, *cos, *sin;
-    float *present_k, *present_v, *out, scale;
+    void *present_k, *present_v;
+    float *out, scale;
     int failed;
 } Work;
 
@@ -46,13 +51,14 @@ typedef struct {
 static void append_task(void *p, size_t i) {
     Work *w = p;
     const int D = w->D, half = w->rotary_dim / 2;
+    float row[256];
     for (int s = 0; s < w->S; s++) {
         const int pos = w->past + s;
-        float *kd = w->present_k + ((size_t)i * w->rows_len + pos) * D, *vd = w->present_v + ((size_t)i * w->rows_len + pos) * D;
+        const size_t at = ((size_t)i * w->rows_len + pos) * D;
         const float *ks = w->k + (size_t)s * w->kv_stride + w->k_offset + i * D;
-        if (w->rotary_dim) gqa_rotate(ks, kd, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, 1.f);
-        else memcpy(kd, ks, sizeof(float) * D);
-        memcpy(vd, w->v + (size_t)s * w->kv_stride + w->v_offset + i * D, sizeof(float) * D);
+        if (w->rotary_dim) gqa_rotate(ks, row, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, 1.f);
+        gqa_store_row(w->present_k, at, w->rotary_dim ? row : ks, D, w->node->half);
+        gqa_store_row(w->present_v, at, w->v + (size_t)s * w->kv_stride + w->v_offset + i * D, D, w->node->half);
     }
 }
 
@@ -70,9 +76,9 @@ static void attend_task(void *p, size_t t) {
         if (w->rotary_dim) gqa_rotate(src, q + r * D, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, w->scale);
         else for (int d = 0; d < D; d++) q[r * D + d] = src[d] * w->scale;
     }
-    const size_t cache = (size_t)kvh * w->rows_len * D;
-    gqa_attend(rows, w->past + r0, D, q, w->present_k + cache, w->present_v + cache,
-               w->out + (size_t)r0 * w->node->heads * D + h * D, w->node->heads * D);
+    const size_t cache = (size_t)kvh * w->rows_len * D * (w->node->half ? 2 : 4);
+    gqa_attend(rows, w->past + r0, D, q, (char *)w->present_k + cache, (char *)w->present_v + cache,
+               w->out + (size_t)r0 * w->node->heads * D + h * D, w->node->heads * D, w->node->half);
     free(q);
 }
 
@@ -85,8 +91,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
     CHECK(op_input(ctx, 1, T_FLOAT, &k, 0, 0));
     CHECK(op_input(ctx, 2, T_FLOAT, &v, 0, 0));
-    CHECK(op_input(ctx, 3, T_FLOAT, &pk, pd, &pr));
-    CHECK(op_input(ctx, 4, T_FLOAT, &pv, 0, 0));
+    const int cache_type = node->half ? T_FLOAT16 : T_FLOAT;
+    const size_t elem = node->half ? 2 : 4;
+    CHECK(op_input(ctx, 3, cache_type, &pk, pd, &pr));
+    CHECK(op_input(ctx, 4, cache_type, &pv, 0, 0));
     CHECK(op_input(ctx, 5, T_INT32, &seqlens, 0, 0));
     CHECK(op_input(ctx, 6, T_INT32, &total, 0, 0));
     CHECK(op_input(ctx, 7, T_FLOAT, &cos, cd, &cr));
@@ -109,8 +117,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_output(ctx, 2, cache_dims, 4, &present_v));
     if (present_k != pk && past)   /* not sharing the buffer: carry the past rows over */
         for (int i = 0; i < Hkv; i++) {
-            memcpy((float *)present_k + (size_t)i * L * D, (float *)pk + (size_t)i * P * D, sizeof(float) * past * D);
-            memcpy((float *)present_v + (size_t)i * L * D, (float *)pv + (size_t)i * P * D, sizeof(float) * past * D);
+            memcpy((char *)present_k + (size_t)i * L * D * elem, (char *)pk + (size_t)i * P * D * elem, elem * past * D);
+            memcpy((char *)present_v + (size_t)i * L * D * elem, (char *)pv + (size_t)i * P * D * elem, elem * past * D);
         }
     Work w = {.node = node, .S = S, .D = D, .past = past, .rows_len = L, .rotary_dim = rotary_dim,
               .q = q, .k = packed ? q : k, .v = packed ? q : v, .cos = cos, .sin = sin,
@@ -128,18 +136,25 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
 static void destroy(void *kernel) { free(kernel); }
 static const char *name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
+static const char *half_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionHalfCache"; }
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 5 || i == 6 ? T_INT32 : T_FLOAT; }
+static int input_type(const OrtCustomOp *op, size_t i) {
+    return i == 5 || i == 6 ? T_INT32 : (i == 3 || i == 4) && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+}
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
-static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
+static int output_type(const OrtCustomOp *op, size_t i) {
+    return i && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+}
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 || i == 5 || i == 6 ? REQUIRED : OPTIONAL; }
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
-OrtCustomOp group_query_attention_op = {
-    .version = OP_API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
-    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
-    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,
-    .GetInputMemoryType = memory_type, .CreateKernelV2 = create, .KernelComputeV2 = compute,
-};
+#define GQA_OP(op_name) {                                                                                       \
+    .version = OP_API_VERSION, .GetName = op_name, .GetExecutionProviderType = provider, .GetInputType = input_type, \
+    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,             \
+    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,         \
+    .GetInputMemoryType = memory_type, .CreateKernelV2 = create, .KernelComputeV2 = compute}
+
+OrtCustomOp group_query_attention_op = GQA_OP(name);
+OrtCustomOp group_query_attention_half_cache_op = GQA_OP(half_cache_name);

@@ -61,18 +61,20 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits and GroupQueryAttention. */
+/* Adds domain "edgelmm" with MatMulNBits, GroupQueryAttention and GroupQueryAttentionHalfCache. */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     ort_api = base->GetApi(RUNTIME_API_VERSION);
     if (!ort_api) return 0;  /* an onnxruntime older than the API this needs: nothing is registered */
     if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
         !__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512vl") ||
-        !__builtin_cpu_supports("avx512dq"))
+        !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("f16c"))
         return op_error("edgelmm's ops need AVX512-VNNI");
     OrtCustomOpDomain *domain;
     CHECK(CALL(SLOT_CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **), "edgelmm", &domain));
     CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, &matmul_nbits_op));
     CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
                &group_query_attention_op));
+    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
+               &group_query_attention_half_cache_op));
     return CALL(SLOT_ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *), options, domain);
 }

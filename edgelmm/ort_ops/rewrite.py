@@ -6,7 +6,9 @@ opset import for ``edgelmm``. External-data initializers stay references. Eligib
 - ``MatMulNBits``: 4-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
   block size dividing K, no ``g_idx``;
 - ``GroupQueryAttention``: no inputs past the rotary caches (position ids, attention bias, head sink), no
-  softcap, sliding window, smooth softmax, interleaved rotary or qk output.
+  softcap, sliding window, smooth softmax, interleaved rotary or qk output. By default it becomes
+  ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
+  and the bytes each decode step reads.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from collections.abc import Iterator
 DOMAIN = "edgelmm"
 _MODEL_OPSET_IMPORT, _MODEL_GRAPH = 8, 7
 _GRAPH_NODE = 1
-_NODE_INPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 4, 5, 7
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
+_GRAPH_VALUE_INFOS = (11, 12, 13)  # input, output, value_info
+_VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 2, 1, 1
+_FLOAT16 = 10
 _ATTR_NAME, _ATTR_FLOAT, _ATTR_INT = 1, 2, 3
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -71,9 +76,10 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _eligible(node: bytes) -> bool:
+def _node_info(node: bytes) -> tuple[str, str, list[str], list[str], dict]:
+    """(op_type, domain, inputs, outputs, int and float attributes) of a NodeProto."""
     op_type = domain = ""
-    inputs, attrs = [], {}
+    inputs, outputs, attrs = [], [], {}
     for field, _, value, _ in _fields(node):
         if field == _NODE_OP_TYPE:
             op_type = value.decode()
@@ -81,12 +87,18 @@ def _eligible(node: bytes) -> bool:
             domain = value.decode()
         elif field == _NODE_INPUT:
             inputs.append(value.decode())
+        elif field == _NODE_OUTPUT:
+            outputs.append(value.decode())
         elif field == _NODE_ATTRIBUTE:
             attr = {f: v for f, _, v, _ in _fields(value)}
             if _ATTR_INT in attr:
                 attrs[attr[_ATTR_NAME].decode()] = _signed(attr[_ATTR_INT])
             elif _ATTR_FLOAT in attr:
                 attrs[attr[_ATTR_NAME].decode()] = struct.unpack("<f", attr[_ATTR_FLOAT])[0]
+    return op_type, domain, inputs, outputs, attrs
+
+
+def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool:
     if domain != "com.microsoft":
         return False
     if op_type == "MatMulNBits":
@@ -100,26 +112,53 @@ def _eligible(node: bytes) -> bool:
     return False
 
 
-def _rewrite_node(node: bytes) -> bytes:
-    return b"".join(raw for field, _, _, raw in _fields(node) if field != _NODE_DOMAIN) + \
-        _len_field(_NODE_DOMAIN, DOMAIN.encode())
+def _rewrite_node(node: bytes, op_type: str) -> bytes:
+    kept = b"".join(raw for field, _, _, raw in _fields(node) if field not in (_NODE_DOMAIN, _NODE_OP_TYPE))
+    return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
-def rewrite_model(model: bytes) -> tuple[bytes, int]:
-    """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
-    were moved."""
-    moved = 0
+def _retyped(value_info: bytes, elem_type: int) -> bytes:
+    """A ValueInfoProto of a tensor with its element type replaced."""
     out = []
+    for field, wire, value, raw in _fields(value_info):
+        if field == _VALUE_INFO_TYPE and wire == _LEN:
+            type_proto = []
+            for t_field, t_wire, t_value, t_raw in _fields(value):
+                if t_field == _TYPE_TENSOR and t_wire == _LEN:
+                    tensor = b"".join(r for f, _, _, r in _fields(t_value) if f != _TENSOR_ELEM_TYPE)
+                    t_raw = _len_field(_TYPE_TENSOR, _encode_varint(_TENSOR_ELEM_TYPE << 3) + _encode_varint(elem_type)
+                                       + tensor)
+                type_proto.append(t_raw)
+            raw = _len_field(_VALUE_INFO_TYPE, b"".join(type_proto))
+        out.append(raw)
+    return b"".join(out)
+
+
+def _value_name(value_info: bytes) -> str:
+    return next((v.decode() for f, _, v, _ in _fields(value_info) if f == _VALUE_INFO_NAME), "")
+
+
+def rewrite_model(model: bytes, half_cache: bool = True) -> tuple[bytes, int]:
+    """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
+    were moved. With ``half_cache`` the moved attention nodes keep their KV cache in fp16
+    (``GroupQueryAttentionHalfCache``; the graph's past/present inputs and outputs become float16)."""
+    moved, caches, out = 0, set(), []
     for field, wire, value, raw in _fields(model):
         if field == _MODEL_GRAPH and wire == _LEN:
             graph = []
             for g_field, g_wire, g_value, g_raw in _fields(value):
-                if g_field == _GRAPH_NODE and g_wire == _LEN and _eligible(g_value):
-                    graph.append(_len_field(_GRAPH_NODE, _rewrite_node(g_value)))
-                    moved += 1
-                else:
-                    graph.append(g_raw)
-            raw = _len_field(_MODEL_GRAPH, b"".join(graph))
+                if g_field == _GRAPH_NODE and g_wire == _LEN:
+                    op_type, domain, inputs, outputs, attrs = _node_info(g_value)
+                    if _eligible(op_type, domain, inputs, attrs):
+                        if op_type == "GroupQueryAttention" and half_cache:
+                            op_type = "GroupQueryAttentionHalfCache"
+                            caches.update(n for n in inputs[3:5] + outputs[1:3] if n)
+                        g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type))
+                        moved += 1
+                graph.append((g_field, g_wire, g_value, g_raw))
+            raw = _len_field(_MODEL_GRAPH, b"".join(
+                _len_field(f, _retyped(v, _FLOAT16)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
+                else r for f, w, v, r in graph))
         out.append(raw)
     if moved:
         opset = _len_field(_OPSET_DOMAIN, DOMAIN.encode()) + _encode_varint(_OPSET_VERSION << 3) + _encode_varint(1)
