@@ -67,8 +67,7 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
     opts = session_options(threads, profile_prefix)
     library = ort_ops.library() if providers == ["CPUExecutionProvider"] else None
     if library:
-        half_cache = os.environ.get("EDGELMM_ONNX_KV", "float16") != "float32"
-        model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), half_cache)
+        model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), ort_ops.half_cache())
         if moved:
             try:
                 opts.register_custom_ops_library(str(library))

@@ -245,27 +245,31 @@ def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path
 def plan_onnx_export(folder: Path, context: int | None = None, budget: int | None = None,
                      overhead: int = 0) -> MemoryPlan:
     """Plan an ``edgelmm export --format onnx`` folder, torch-free: each graph's weights as written (onnxruntime
-    repacks ``MatMulNBits`` weights into about their size and drops the file's copy), the KV cache in the
-    export's I/O dtype for ``context`` positions (default: the export's context), image features and
-    activations."""
+    repacks ``MatMulNBits`` weights into about their size and drops the file's copy; edgelmm's CPU ops read
+    them as written), the KV cache for ``context`` positions (default: the export's context) in the export's
+    I/O dtype, or fp16 on edgelmm's CPU attention op, image features and activations."""
+    from . import ort_ops
     from .onnx_config import OnnxConfig
 
     cfg = OnnxConfig.read(folder)
     spec, text = cfg.spec, cfg.spec.text
     io_bytes = 4 if cfg.io_dtype == "float32" else 2
+    cpu_ops = cfg.target == "cpu" and ort_ops.unavailable_reason() is None
+    kv_bytes = 2 if cpu_ops and ort_ops.half_cache() else io_bytes
     context = min(context or cfg.context_length, cfg.context_length)
     plan = MemoryPlan(budget=budget)
     graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
     for part, graph in graphs:
         plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
-    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * text.head_dim * io_bytes
+    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * text.head_dim * kv_bytes
     image_tokens = spec.vision.num_image_tokens
     plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
     settings = PlanSettings(context=context, dtype_bytes=io_bytes)
     prompt = _prompt_tokens(image_tokens, settings)
-    # + GroupQueryAttention's CPU probabilities: every head's prompt rows against the whole shared KV buffer;
-    # x2: onnxruntime's CPU arena grows in powers of two and keeps what it reserved
-    scores = text.num_heads * prompt * context * io_bytes
+    # + onnxruntime's GroupQueryAttention probabilities on CPU: every head's prompt rows against the whole
+    # shared KV buffer (edgelmm's op keeps none); x2: onnxruntime's CPU arena grows in powers of two and keeps
+    # what it reserved
+    scores = 0 if cpu_ops else text.num_heads * prompt * context * io_bytes
     plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), settings) + scores)
     if overhead:
         plan.parts["runtime overhead"] = overhead
@@ -273,8 +277,8 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     plan.notes.update({
         "decoder graph": f"{q['bits']}-bit block {q['block_size']}" if q.get("bits", 16) < 16 else cfg.io_dtype,
         "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
-        "kv cache": f"{cfg.io_dtype}, {context} tokens", "image features": f"{image_tokens} tokens",
+        "kv cache": f"{'float16' if kv_bytes == 2 else 'float32'}, {context} tokens",
+        "image features": f"{image_tokens} tokens",
         "activations": f"prefill of {prompt} tokens incl. attention scores, "
-                       f"x2 for the arena (+{2 * text.num_heads * context * io_bytes / 1e6:.2f} MB per longer prompt "
-                       "token)"})
+                       f"x2 for the arena (+{2 * scores / max(prompt, 1) / 1e6:.2f} MB per longer prompt token)"})
     return plan

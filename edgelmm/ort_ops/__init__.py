@@ -30,7 +30,7 @@ HEADERS = ("ort_api.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c")
 
-__all__ = ["DOMAIN", "library", "rewrite_model", "unavailable_reason"]
+__all__ = ["DOMAIN", "half_cache", "library", "rewrite_model", "unavailable_reason"]
 
 
 def _cpu_flags() -> set[str]:
@@ -60,6 +60,12 @@ def unavailable_reason() -> str | None:
     if not _compiler():
         return "no C compiler (cc/gcc) to build it"
     return None
+
+
+def half_cache() -> bool:
+    """Whether the attention op keeps the KV cache in fp16 (the default; ``EDGELMM_ONNX_KV=float32`` keeps the
+    export's fp32)."""
+    return os.environ.get("EDGELMM_ONNX_KV", "float16") != "float32"
 
 
 def library() -> Path | None:
