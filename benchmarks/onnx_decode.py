@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args(argv)
 
+    from edgelmm import ort_ops
     from edgelmm.backend_onnx import decoder_session
     from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
 
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     copy_bytes = 1 << (29 if args.shape == "phi2" else 24)
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # its arrays stay out of this process's RSS
         bw_before = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
-    session = decoder_session(path, ["CPUExecutionProvider"], args.threads)
+    edgelmm_ops = ort_ops.applies("cpu", "float32")
+    session = decoder_session(path, ["CPUExecutionProvider"], args.threads, edgelmm_ops=edgelmm_ops)
     run(session, cfg, 8, 2, context)  # warm-up
     prefill_s, decode_s = run(session, cfg, args.prompt_tokens, args.new_tokens, context)
     peak = peak_rss_bytes()
@@ -155,12 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         bw_after = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
     result = {"shape": args.shape, "bits": args.bits, "block_size": args.block_size,
               "accuracy_level": args.accuracy_level, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "ttft_s": round(prefill_s, 3),
+              "new_tokens": args.new_tokens, "edgelmm_ops": edgelmm_ops, "ttft_s": round(prefill_s, 3),
               "decode_tok_s": round(args.new_tokens / decode_s, 2), "peak_rss_gb": round(peak / 1e9, 3),
               "weights_gb": round(weights / 1e9, 3), "rss_over_weights": round(peak / weights, 2),
               "bandwidth_gbs_before": round(bw_before, 1), "bandwidth_gbs_after": round(bw_after, 1)}
     if not args.no_profile:
-        session = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"))
+        session = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"), edgelmm_ops)
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
         run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
         result["profile"] = profile_summary(session.end_profiling(), skip=3)

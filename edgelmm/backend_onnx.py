@@ -59,25 +59,24 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 
 
 def decoder_session(path: Path, providers: list[str], threads: int | None = None,
-                    profile_prefix: str | None = None):
-    """The decoder's InferenceSession. On CPU, when edgelmm's ops are available (edgelmm.ort_ops), the graph's
-    4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes run on them instead of onnxruntime's
-    kernels, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``."""
+                    profile_prefix: str | None = None, edgelmm_ops: bool = False):
+    """The decoder's InferenceSession. With ``edgelmm_ops`` (an fp32 CPU export where edgelmm.ort_ops applies)
+    its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes run on edgelmm's kernels instead of
+    onnxruntime's, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``; any failure to set that up falls
+    back to onnxruntime's kernels with a note on stderr."""
     ort = _ort()
-    opts = session_options(threads, profile_prefix)
-    library = ort_ops.library() if providers == ["CPUExecutionProvider"] else None
-    if library:
-        model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), ort_ops.half_cache())
-        if moved:
-            try:
-                opts.register_custom_ops_library(str(library))
+    if edgelmm_ops and providers == ["CPUExecutionProvider"]:
+        opts = session_options(threads, profile_prefix)
+        try:
+            model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), ort_ops.half_cache())
+            if moved:
+                opts.register_custom_ops_library(str(ort_ops.library()))
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                               str(Path(path).parent))
                 return ort.InferenceSession(model, opts, providers=providers)
-            except Exception as e:  # noqa: BLE001 - any failure of the op falls back to onnxruntime's kernels
-                print(f"edgelmm: the int4 matmul op did not load, using onnxruntime's ({e})", file=sys.stderr)
-                opts = session_options(threads, profile_prefix)
-    return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - any failure of the ops falls back to onnxruntime's kernels
+            print(f"edgelmm: edgelmm's CPU ops did not load, using onnxruntime's kernels ({e})", file=sys.stderr)
+    return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers)
 
 
 class KVDecoder:
@@ -143,7 +142,8 @@ class OnnxBackend:
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
         sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen),
                     "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
-                    "decoder": decoder_session(config.decoder, no_trt, threads)}
+                    "decoder": decoder_session(config.decoder, no_trt, threads,
+                                               edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)
         return cls(config, sessions, device_type, limit)

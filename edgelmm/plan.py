@@ -254,7 +254,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     cfg = OnnxConfig.read(folder)
     spec, text = cfg.spec, cfg.spec.text
     io_bytes = 4 if cfg.io_dtype == "float32" else 2
-    cpu_ops = cfg.target == "cpu" and ort_ops.unavailable_reason() is None
+    cpu_ops = ort_ops.applies(cfg.target, cfg.io_dtype)
     kv_bytes = 2 if cpu_ops and ort_ops.half_cache() else io_bytes
     context = min(context or cfg.context_length, cfg.context_length)
     plan = MemoryPlan(budget=budget)

@@ -13,8 +13,8 @@ from edgelmm.backend_onnx import decoder_session
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_export import export_onnx
 
-pytestmark = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
-                                reason=f"edgelmm's int4 op is unavailable here: {ort_ops.unavailable_reason()}")
+needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
+                               reason=f"edgelmm's CPU ops are unavailable here: {ort_ops.unavailable_reason()}")
 
 
 def _weights(rng, n, k, block, zero_points):
@@ -59,10 +59,13 @@ def _run(model: bytes, x, custom: bool):
 
 # rows (1 = the GEMV), K, N, block, zero points, bias: K below / not a multiple of the 128-k GEMV chunk, column
 # counts that leave partial 16-column panels and 64-column tiles, row counts that are not multiples of 3
+# K above the GEMM's 4096-deep panels, N wide enough for 8 column tasks, an odd number of blocks with zero points
+@needs_ops
 @pytest.mark.parametrize("rows,k,n,block,zero_points,bias", [
     (1, 64, 48, 32, False, False), (1, 384, 130, 64, True, False), (1, 2560, 300, 128, False, True),
     (1, 256, 40, 16, True, True), (1, 512, 20, 256, False, False), (5, 512, 100, 32, True, True),
-    (67, 640, 200, 128, False, True), (130, 1152, 96, 64, True, False), (2, 192, 17, 16, False, False)])
+    (67, 640, 200, 128, False, True), (130, 1152, 96, 64, True, False), (2, 192, 17, 16, False, False),
+    (5, 5120, 300, 128, False, True), (3, 96, 260, 32, True, True), (1, 96, 40, 32, True, False)])
 def test_matches_onnxruntime_matmulnbits(rows, k, n, block, zero_points, bias):
     rng = np.random.default_rng(rows * 1000 + k + n)
     packed, scales, zp, w = _weights(rng, n, k, block, zero_points)
@@ -101,6 +104,7 @@ def test_rewrite_moves_only_eligible_nodes():
     assert ort_ops.rewrite_model(eight_bit.SerializeToString())[1] == 0
 
 
+@needs_ops
 @pytest.mark.parametrize("llm", ["phi", "llama", "gemma", "qwen2"])
 def test_exported_decoder_on_the_op_matches_onnxruntime(tiny_checkpoint, tmp_path, monkeypatch, llm):
     """A 4-bit export (CPU default: accuracy level 4) prefilled on edgelmm's op and on onnxruntime's kernel
@@ -115,6 +119,8 @@ def test_exported_decoder_on_the_op_matches_onnxruntime(tiny_checkpoint, tmp_pat
     for setting in ("1", "0"):
         monkeypatch.setenv("EDGELMM_ORT_OPS", setting)
         model = EdgeLMM.load(out)
+        cache_types = {i.type for i in model.backend.decoder.session.get_inputs() if i.name.startswith("past")}
+        assert cache_types == {"tensor(float16)" if setting == "1" else "tensor(float)"}  # which kernels ran
         _, ids = model.prompt_ids("What is in the picture?")
         logits[setting] = [model.backend.prefill(ids, model.backend.encode_image(model.pixels(img)))
                            for img in (image, image.transpose(0))]  # PIL FLIP_LEFT_RIGHT
@@ -134,12 +140,12 @@ def test_off_switch_and_build_failure_fall_back(tmp_path, monkeypatch, capsys):
     ort_ops._build.cache_clear()
     try:
         assert ort_ops.library() is None
-        assert "could not build the int4 matmul op" in capsys.readouterr().err
+        assert "could not build edgelmm's CPU ops" in capsys.readouterr().err
         rng = np.random.default_rng(1)
         packed, scales, _, w = _weights(rng, 32, 128, 32, False)
         path = tmp_path / "node.onnx"
         onnx.save(_node_model("com.microsoft", [1, 1, 128], 32, 128, 32, packed, scales, None, None), str(path))
-        session = decoder_session(path, ["CPUExecutionProvider"], threads=1)  # onnxruntime's own kernel
+        session = decoder_session(path, ["CPUExecutionProvider"], threads=1, edgelmm_ops=True)  # falls back
         x = rng.standard_normal((1, 1, 128)).astype(np.float32)
         assert np.abs(session.run(None, {"x": x})[0][0] - x[0] @ w.T).max() < 3e-2 * np.abs(x[0] @ w.T).max()
     finally:

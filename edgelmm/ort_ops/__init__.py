@@ -1,14 +1,18 @@
-"""edgelmm's onnxruntime custom op: ``MatMulNBits`` (4-bit, int8 compute) on an AVX512-VNNI int4 x int8 GEMM.
+"""edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4-bit, int8 compute) on an
+AVX512-VNNI int4 x int8 GEMM/GEMV, and ``GroupQueryAttention`` as causal block attention over an fp16 (or fp32)
+KV cache.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
-length; q4_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping a 16-column panel of nibbles in L1 and
-feeding ``vpdpbusd`` straight from it (the GEMV for one token streams each column once). It reads the
+length; q4_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
+feeding ``vpdpbusd`` straight from them (the GEMV for one token streams each column once). It reads the
 exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy, and it quantizes
-activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~1e-7.
+activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~2e-7.
+gqa_kernels.c never computes the masked half of a prompt's attention and, with the fp16 cache, reads half the
+bytes per decode step.
 
 The library is compiled once, on first use, with the system C compiler into ``cache_root()/ort_ops`` and
-used only on x86-64 Linux CPUs with AVX512-VNNI; ``EDGELMM_ORT_OPS=0`` turns it off. Without it the
-decoder runs onnxruntime's own kernels.
+used only for fp32 CPU exports on x86-64 Linux CPUs with AVX512-VNNI; ``EDGELMM_ORT_OPS=0`` turns it off,
+``EDGELMM_ONNX_KV=float32`` keeps the cache fp32. Without it the decoder runs onnxruntime's own kernels.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from ..paths import cache_root
 from .rewrite import DOMAIN, rewrite_model
 
 SOURCES = ("q4_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
-HEADERS = ("ort_api.h",)
+HEADERS = ("ort_api.h", "kernels.h")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
-CFLAGS = ("-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512vnni", "-mfma", "-mf16c")
 
-__all__ = ["DOMAIN", "half_cache", "library", "rewrite_model", "unavailable_reason"]
+__all__ = ["DOMAIN", "applies", "half_cache", "library", "rewrite_model", "unavailable_reason"]
 
 
 def _cpu_flags() -> set[str]:
@@ -63,9 +68,15 @@ def unavailable_reason() -> str | None:
 
 
 def half_cache() -> bool:
-    """Whether the attention op keeps the KV cache in fp16 (the default; ``EDGELMM_ONNX_KV=float32`` keeps the
-    export's fp32)."""
-    return os.environ.get("EDGELMM_ONNX_KV", "float16") != "float32"
+    """Whether the attention op keeps the KV cache in fp16 (the default; ``EDGELMM_ONNX_KV=float32`` or ``fp32``
+    keeps the export's fp32)."""
+    return os.environ.get("EDGELMM_ONNX_KV", "float16").lower() not in ("float32", "fp32")
+
+
+def applies(target: str, io_dtype: str) -> bool:
+    """Whether an export of this target and I/O dtype runs its decoder on the ops here (building them if needed):
+    fp32 CPU exports, where the ops are available."""
+    return target == "cpu" and io_dtype == "float32" and library() is not None
 
 
 def library() -> Path | None:
@@ -78,19 +89,22 @@ def library() -> Path | None:
 def _build() -> Path | None:
     here = Path(__file__).parent
     cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([*CFLAGS, version, *((here / s).read_text() for s in SOURCES + HEADERS)]).encode())
-    target = cache_root() / "ort_ops" / f"libedgelmm_q4-{digest.hexdigest()[:16]}.so"
-    if target.exists():
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+        sources = "\0".join((here / s).read_text() for s in SOURCES + HEADERS)
+        digest = hashlib.sha256("\0".join([*CFLAGS, version, sources]).encode()).hexdigest()[:16]
+        target = cache_root() / "ort_ops" / f"libedgelmm_ort_ops-{digest}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed when complete
+            built = Path(tmp) / target.name
+            result = subprocess.run([cc, *CFLAGS, "-o", str(built), *(str(here / s) for s in SOURCES)],
+                                    capture_output=True, text=True, check=False)
+            if result.returncode:
+                raise OSError(f"{cc}: {result.stderr.strip()[-500:]}")
+            os.replace(built, target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([cc, *CFLAGS, "-o", str(built), *(str(here / s) for s in SOURCES)],
-                                capture_output=True, text=True, check=False)
-        if result.returncode:
-            print(f"edgelmm: could not build the int4 matmul op, using onnxruntime's ({cc}: "
-                  f"{result.stderr.strip()[-500:]})", file=sys.stderr)
-            return None
-        os.replace(built, target)
-    return target
+    except OSError as e:
+        print(f"edgelmm: could not build edgelmm's CPU ops, using onnxruntime's kernels ({e})", file=sys.stderr)
+        return None

@@ -8,8 +8,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define KEYS 16          /* keys per block: one zmm of scores */
-#define MAX_HEAD_DIM 256
+#include "kernels.h"
+
+#define KEYS 16          /* keys per decode block: one zmm of scores */
 
 /* e^x for x <= 0 (softmax arguments), ~1 ulp: 2^n * p(r), x = n ln2 + r. */
 static inline __m512 exp512(__m512 x) {
@@ -45,8 +46,9 @@ void gqa_store_row(void *cache, size_t i, const float *row, int n, int half) {
     }
     for (int d = 0; d < n; d += 16) {
         const __mmask16 m = n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1);
-        _mm256_mask_storeu_epi16((uint16_t *)cache + i + d, m,
-                                 _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, row + d), _MM_FROUND_TO_NEAREST_INT));
+        const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(m, row + d), _mm512_set1_ps(-65504.f)),
+                                       _mm512_set1_ps(65504.f));  /* saturate: no inf in the cache */
+        _mm256_mask_storeu_epi16((uint16_t *)cache + i + d, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     }
 }
 
@@ -84,9 +86,10 @@ static inline __attribute__((always_inline)) void softmax_step(__m512 s, int val
                                                                 const int half) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
-    s = _mm512_mask_blend_ps(valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1), _mm512_set1_ps(-INFINITY), s);
+    const __mmask16 live = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+    s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s);
     const float m_new = fmaxf(st->max, _mm512_reduce_max_ps(s)), alpha = expf(st->max - m_new);
-    const __m512 p = exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+    const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
     st->sum = st->sum * alpha + _mm512_reduce_add_ps(p);
     st->max = m_new;
     float pv[KEYS];
@@ -145,7 +148,7 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
     for (int d = 0; d < head_dim; d++) {
         const __m512 k0 = _mm512_load_ps(kt + d * BLOCK_KEYS), k1 = _mm512_load_ps(kt + d * BLOCK_KEYS + 16);
         for (int i = 0; i < GROUP_ROWS; i++) {
-            const __m512 b = _mm512_set1_ps(q[(size_t)i * head_dim + d]);
+            const __m512 b = _mm512_set1_ps(i < live ? q[(size_t)i * head_dim + d] : 0.f);
             s[i][0] = _mm512_fmadd_ps(b, k0, s[i][0]);
             s[i][1] = _mm512_fmadd_ps(b, k1, s[i][1]);
         }
@@ -165,8 +168,8 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
         const __m512 s1 = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[i][1]);
         const float m_new = fmaxf(st[i].max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
         alpha[i] = expf(st[i].max - m_new);
-        const __m512 p0 = exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m_new)));
-        const __m512 p1 = exp512(_mm512_sub_ps(s1, _mm512_set1_ps(m_new)));
+        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m_new))));
+        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, _mm512_set1_ps(m_new))));
         st[i].sum = st[i].sum * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
         st[i].max = m_new;
         _mm512_store_ps(p[i], p0);

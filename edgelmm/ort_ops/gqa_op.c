@@ -7,17 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "ort_api.h"
 
-void gqa_rotate(const float *x, float *out, int head_dim, int rotary_dim, const float *cos_row, const float *sin_row,
-                float scale);
-void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
-                float *out, int ldo, int half);
-void gqa_store_row(void *cache, size_t i, const float *row, int n, int half);
 
 #define ROWS_PER_TASK 64
-
-enum { T_FLOAT16 = 10 };
 
 typedef struct { int heads, kv_heads, rotary, half; float scale; } Node;
 
@@ -51,7 +45,7 @@ typedef struct {
 static void append_task(void *p, size_t i) {
     Work *w = p;
     const int D = w->D, half = w->rotary_dim / 2;
-    float row[256];
+    float row[MAX_HEAD_DIM];
     for (int s = 0; s < w->S; s++) {
         const int pos = w->past + s;
         const size_t at = ((size_t)i * w->rows_len + pos) * D;
@@ -69,7 +63,7 @@ static void attend_task(void *p, size_t t) {
     const int rows = w->S - r0 < ROWS_PER_TASK ? w->S - r0 : ROWS_PER_TASK, half = w->rotary_dim / 2;
     const int kvh = h / (w->node->heads / w->node->kv_heads);
     float *q = aligned_alloc(64, sizeof(float) * ROWS_PER_TASK * ((D + 15) / 16) * 16);
-    if (!q) { w->failed = 1; return; }
+    if (!q) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
     for (int r = 0; r < rows; r++) {
         const int pos = w->past + r0 + r;
         const float *src = w->q + (size_t)(r0 + r) * w->q_stride + h * D;
@@ -82,32 +76,45 @@ static void attend_task(void *p, size_t t) {
     free(q);
 }
 
+static int same_dims(const int64_t *a, size_t ra, const int64_t *b, size_t rb) {
+    if (ra != rb) return 0;
+    for (size_t i = 0; i < ra; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+#define INCONSISTENT op_error("edgelmm.GroupQueryAttention: inconsistent inputs (one unpadded sequence only)")
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Node *node = kernel;
     const int H = node->heads, Hkv = node->kv_heads;
-    int64_t qd[8], pd[8] = {0}, cd[8] = {0};
-    size_t qr = 0, pr = 0, cr = 0;
+    int64_t qd[8], kd[8], vd[8], pkd[8], pvd[8], cd[8], sd[8];
+    size_t qr = 0, kr = 0, vr = 0, pkr = 0, pvr = 0, cr = 0, sr = 0;
     void *q, *k, *v, *pk, *pv, *seqlens, *total, *cos, *sin;
-    CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
-    CHECK(op_input(ctx, 1, T_FLOAT, &k, 0, 0));
-    CHECK(op_input(ctx, 2, T_FLOAT, &v, 0, 0));
     const int cache_type = node->half ? T_FLOAT16 : T_FLOAT;
     const size_t elem = node->half ? 2 : 4;
-    CHECK(op_input(ctx, 3, cache_type, &pk, pd, &pr));
-    CHECK(op_input(ctx, 4, cache_type, &pv, 0, 0));
-    CHECK(op_input(ctx, 5, T_INT32, &seqlens, 0, 0));
-    CHECK(op_input(ctx, 6, T_INT32, &total, 0, 0));
+    CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
+    CHECK(op_input(ctx, 1, T_FLOAT, &k, kd, &kr));
+    CHECK(op_input(ctx, 2, T_FLOAT, &v, vd, &vr));
+    CHECK(op_input(ctx, 3, cache_type, &pk, pkd, &pkr));
+    CHECK(op_input(ctx, 4, cache_type, &pv, pvd, &pvr));
+    CHECK(op_input_sized(ctx, 5, T_INT32, &seqlens, 1));
+    CHECK(op_input_sized(ctx, 6, T_INT32, &total, 1));
     CHECK(op_input(ctx, 7, T_FLOAT, &cos, cd, &cr));
-    CHECK(op_input(ctx, 8, T_FLOAT, &sin, 0, 0));
+    CHECK(op_input(ctx, 8, T_FLOAT, &sin, sd, &sr));
     if (qr != 3 || qd[0] != 1) return op_error("edgelmm.GroupQueryAttention: one sequence (batch 1) only");
-    const int packed = !k, width = (int)qd[2], S = (int)qd[1], T = *(const int32_t *)total;
-    const int D = width / (packed ? H + 2 * Hkv : H);
-    const int P = pk ? (int)pd[2] : 0, past = T - S;
-    if (packed == !!v || D < 1 || D > 256 || width != D * (packed ? H + 2 * Hkv : H) || (pk && (pr != 4 || pd[3] != D)) ||
-        !seqlens || !total || ((const int32_t *)seqlens)[0] != T - 1 || past < 0 || P < past || (node->rotary && !cos))
-        return op_error("edgelmm.GroupQueryAttention: inconsistent shapes (padding is not supported)");
-    const int rotary_dim = node->rotary ? (int)cd[1] * 2 : 0;
-    if (rotary_dim > D || (node->rotary && (cr != 2 || cd[0] < T)))
+    const int packed = !k, S = (int)qd[1], T = *(const int32_t *)total, past = T - S;
+    const int64_t width = qd[2], D = width / (packed ? H + 2 * Hkv : H);
+    if (!k != !v || !pk != !pv || D < 1 || D > MAX_HEAD_DIM || width != D * (packed ? H + 2 * Hkv : H))
+        return INCONSISTENT;
+    if (!packed && (kr != 3 || kd[0] != 1 || kd[1] != S || kd[2] != Hkv * D || !same_dims(kd, kr, vd, vr)))
+        return INCONSISTENT;
+    if (pk && (pkr != 4 || pkd[0] != 1 || pkd[1] != Hkv || pkd[3] != D || !same_dims(pkd, pkr, pvd, pvr)))
+        return INCONSISTENT;
+    const int P = pk ? (int)pkd[2] : 0;
+    if (((const int32_t *)seqlens)[0] != T - 1 || past < 0 || P < past) return INCONSISTENT;
+    const int rotary_dim = node->rotary && cos ? (int)cd[1] * 2 : 0;
+    if (node->rotary && (!cos || !sin || cr != 2 || cd[0] < T || !same_dims(cd, cr, sd, sr) || rotary_dim > D))
         return op_error("edgelmm.GroupQueryAttention: the rotary caches do not cover these positions");
     const int L = P > T ? P : T;
     int64_t out_dims[3] = {1, S, (int64_t)H * D}, cache_dims[4] = {1, Hkv, L, D};
@@ -115,16 +122,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_output(ctx, 0, out_dims, 3, &out));
     CHECK(op_output(ctx, 1, cache_dims, 4, &present_k));
     CHECK(op_output(ctx, 2, cache_dims, 4, &present_v));
-    if (present_k != pk && past)   /* not sharing the buffer: carry the past rows over */
-        for (int i = 0; i < Hkv; i++) {
+    for (int i = 0; past && i < Hkv; i++) {  /* a cache not shared with its past: carry the past rows over */
+        if (present_k != pk)
             memcpy((char *)present_k + (size_t)i * L * D * elem, (char *)pk + (size_t)i * P * D * elem, elem * past * D);
+        if (present_v != pv)
             memcpy((char *)present_v + (size_t)i * L * D * elem, (char *)pv + (size_t)i * P * D * elem, elem * past * D);
-        }
-    Work w = {.node = node, .S = S, .D = D, .past = past, .rows_len = L, .rotary_dim = rotary_dim,
+    }
+    Work w = {.node = node, .S = S, .D = (int)D, .past = past, .rows_len = L, .rotary_dim = rotary_dim,
               .q = q, .k = packed ? q : k, .v = packed ? q : v, .cos = cos, .sin = sin,
               .present_k = present_k, .present_v = present_v, .out = out,
               .scale = node->scale != 0.f ? node->scale : 1.f / sqrtf((float)D)};
-    w.q_stride = width;
+    w.q_stride = (int)width;
     w.kv_stride = packed ? width : Hkv * D;
     w.k_offset = packed ? H * D : 0;
     w.v_offset = packed ? (H + Hkv) * D : 0;

@@ -3,18 +3,9 @@
    g_idx (must be absent), optional bias [N]. */
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "ort_api.h"
 
-void q4_quantize_rows(int m0, int m1, int K, int bs, const float *A, int8_t *Aq, float *as, int32_t *asum);
-void q4_gemm(int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
-             const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-             float *C, uint8_t *scratch);
-void q4_gemv_prepare(int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
-                     float *lane_zsum);
-void q4_gemv(int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-             const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-             float *y);
-extern const size_t q4_scratch_bytes;
 
 #define TASKS 8  /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
 
@@ -24,9 +15,10 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
     (void)op; (void)api;
     const int64_t K = op_attr_int(info, "K", 0), N = op_attr_int(info, "N", 0), bits = op_attr_int(info, "bits", 0);
     const int64_t bs = op_attr_int(info, "block_size", 0);
-    if (bits != 4 || bs < 16 || bs > 4096 || (bs & (bs - 1)) || K % bs || K % 8 || N < 1 || K > (1 << 24) ||
-        N > (1 << 24))
-        return op_error("edgelmm.MatMulNBits: needs bits=4 and a power-of-2 block_size >= 16 dividing K");
+    if (bits != 4) return op_error("edgelmm.MatMulNBits: bits must be 4");
+    if (bs < 16 || bs > 4096 || (bs & (bs - 1)) || K < bs || K % bs)
+        return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 dividing K");
+    if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm.MatMulNBits: K and N must be 1 .. 2^24");
     Node *node = malloc(sizeof *node);
     if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
     node->K = (int)K; node->N = (int)N; node->bs = (int)bs;
@@ -64,7 +56,7 @@ static void gemm_task(void *p, size_t i) {
     task_range(w->node->N, w->tasks, (int)i, 16, &b, &e);
     if (b >= e) return;
     uint8_t *scratch = aligned_alloc(64, q4_scratch_bytes);
-    if (!scratch) { w->failed = 1; return; }
+    if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
     q4_gemm(w->M, w->node->N, w->node->K, w->node->bs, b, e, w->Aq, w->as, w->asum, w->B, w->scales, w->zp,
             w->bias, w->C, scratch);
     free(scratch);
@@ -84,12 +76,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     size_t rank = 0;
     int64_t dims[8];
     void *A, *B, *scales, *zp, *g_idx, *bias, *C;
+    const int64_t kb = node->K / node->bs;
     CHECK(op_input(ctx, 0, T_FLOAT, &A, dims, &rank));
-    CHECK(op_input(ctx, 1, T_UINT8, &B, 0, 0));
-    CHECK(op_input(ctx, 2, T_FLOAT, &scales, 0, 0));
+    CHECK(op_input_sized(ctx, 1, T_UINT8, &B, (int64_t)node->N * node->K / 2));
+    CHECK(op_input_sized(ctx, 2, T_FLOAT, &scales, node->N * kb));
     CHECK(op_input(ctx, 3, T_UINT8, &zp, 0, 0));
+    if (zp) CHECK(op_input_sized(ctx, 3, T_UINT8, &zp, node->N * ((kb + 1) / 2)));
     CHECK(op_input(ctx, 4, T_INT32, &g_idx, 0, 0));
     CHECK(op_input(ctx, 5, T_FLOAT, &bias, 0, 0));
+    if (bias) CHECK(op_input_sized(ctx, 5, T_FLOAT, &bias, node->N));
     if (g_idx) return op_error("edgelmm.MatMulNBits: g_idx is not supported");
     if (rank < 1 || dims[rank - 1] != node->K) return op_error("edgelmm.MatMulNBits: A's last dimension is not K");
     int64_t M = 1;
@@ -98,7 +93,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_output(ctx, 0, dims, rank, &C));
     if (M == 0) return 0;
     if (M > (1 << 24)) return op_error("edgelmm.MatMulNBits: too many rows");
-    const int K = node->K, kb = K / node->bs, chunks = (K + 127) / 128;
+    const int K = node->K, chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
     Work w = {.node = node, .M = (int)M, .A = A, .scales = scales, .bias = bias, .B = B, .zp = zp, .C = C};
     w.Aq = malloc((size_t)M * K);
     w.as = malloc((size_t)M * kb * sizeof(float));
@@ -109,7 +104,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if ((status = op_parallel(ctx, quantize_task, w.tasks, &w))) goto done;
     w.tasks = node->N >= 256 ? TASKS : 1;
     if (M == 1) {
-        w.ag = malloc((size_t)chunks * 128);
+        w.ag = malloc((size_t)chunks * GEMV_CHUNK);
         w.lane_scale = malloc((size_t)chunks * 16 * sizeof(float));
         w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
         if (!w.ag || !w.lane_scale || !w.lane_zsum) { status = op_error("edgelmm.MatMulNBits: out of memory"); goto done; }

@@ -21,7 +21,7 @@ enum { SLOT_CREATE_STATUS = 0, SLOT_CREATE_DOMAIN = 26, SLOT_DOMAIN_ADD = 27, SL
        SLOT_TYPE_AND_SHAPE = 65, SLOT_ATTR_FLOAT = 85, SLOT_ATTR_INT64 = 86, SLOT_INPUT_COUNT = 88,
        SLOT_INPUT = 90, SLOT_OUTPUT = 91, SLOT_RELEASE_STATUS = 93, SLOT_RELEASE_SHAPE = 99,
        SLOT_PARALLEL_FOR = 274 };
-enum { T_FLOAT = 1, T_UINT8 = 2, T_INT32 = 6 };
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT32 = 6, T_FLOAT16 = 10 };
 enum { REQUIRED = 0, OPTIONAL = 1 };
 #define OP_API_VERSION 16   /* the OrtCustomOp fields below: CreateKernelV2 / KernelComputeV2 */
 #define RUNTIME_API_VERSION 20  /* asked of GetApi: KernelContext_ParallelFor is slot 274 */
@@ -60,6 +60,8 @@ float op_attr_float(const OrtKernelInfo *info, const char *name, float fallback)
 /* Input i's data, checked to be of element type `type`; NULL data for a missing optional input. dims (up to
    8) and rank are filled when given. */
 OrtStatus *op_input(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t *dims, size_t *rank);
+/* Input i's data, required, of element type `type` and `elements` elements in all. */
+OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t elements);
 /* Output i allocated (or the bound buffer fetched) with the given dims, and its data. */
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */

@@ -3,14 +3,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef MR
-#define MR 3   /* rows x NB 16-column panels per micro-kernel: 3 x 4 measured best on Zen 5 */
-#endif
-#ifndef NB
+#include "kernels.h"
+
+#define MR 3   /* rows x NB 16-column panels per micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
 #define NB 4
-#endif
 #define KC_MAX 4096
-#define GEMV_CHUNK 128
 
 /* Quantize rows [m0, m1) of A [M, K] per row and block of `bs` k to symmetric int8.
    Aq [M, K]: inside each 8-k step the bytes are a[k0 k2 k4 k6 k1 k3 k5 k7] (the order the nibble split
@@ -144,21 +141,6 @@ void q4_gemm(int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *
             for (int m = 0; m < M; m += MR) {
                 switch (M - m < MR ? M - m : MR) {  /* a specialized kernel per row count */
                     MICRO_CASE(1) MICRO_CASE(2) MICRO_CASE(3)
-#if MR >= 4
-                    MICRO_CASE(4)
-#endif
-#if MR >= 5
-                    MICRO_CASE(5)
-#endif
-#if MR >= 6
-                    MICRO_CASE(6)
-#endif
-#if MR >= 7
-                    MICRO_CASE(7)
-#endif
-#if MR >= 8
-                    MICRO_CASE(8)
-#endif
                 }
             }
         }

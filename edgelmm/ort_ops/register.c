@@ -45,6 +45,15 @@ OrtStatus *op_input(OrtKernelContext *ctx, size_t i, int type, void **data, int6
     return CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(const OrtValue *, void **), v, data);
 }
 
+OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t elements) {
+    int64_t dims[8];
+    size_t rank = 0;
+    CHECK(op_input(ctx, i, type, data, dims, &rank));
+    int64_t n = 1;
+    for (size_t d = 0; d < rank; d++) n *= dims[d];
+    return *data && n == elements ? 0 : op_error("edgelmm op: an input is missing or has the wrong size");
+}
+
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
     OrtValue *out;
     CHECK(CALL(SLOT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **),
@@ -61,10 +70,15 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits, GroupQueryAttention and GroupQueryAttentionHalfCache. */
-OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+/* Adds domain "edgelmm" with MatMulNBits, GroupQueryAttention and GroupQueryAttentionHalfCache. The only
+   symbol the library exports. */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
+                                                                    const OrtApiBase *base) {
     ort_api = base->GetApi(RUNTIME_API_VERSION);
-    if (!ort_api) return 0;  /* an onnxruntime older than the API this needs: nothing is registered */
+    if (!ort_api) {  /* an onnxruntime older than the API this needs: say so with the oldest API */
+        ort_api = base->GetApi(1);
+        return ort_api ? op_error("edgelmm's ops need onnxruntime 1.20 or newer") : 0;
+    }
     if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
         !__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512vl") ||
         !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("f16c"))

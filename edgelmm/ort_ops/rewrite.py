@@ -39,6 +39,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def _encode_varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("negative varints are not written here")
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -65,6 +67,8 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object, bytes]]:
             value, pos = buf[pos:pos + size], pos + size
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf")
         yield field, wire, value, buf[start:pos]
 
 
@@ -102,9 +106,10 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
     if domain != "com.microsoft":
         return False
     if op_type == "MatMulNBits":
-        k, block = attrs.get("K", 0), attrs.get("block_size", 0)
-        return (attrs.get("bits") == 4 and attrs.get("accuracy_level") == 4 and block >= 16 and k % block == 0
-                and k % 8 == 0 and not any(inputs[4:5]))
+        k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
+        return (attrs.get("bits") == 4 and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096)
+                and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
+                and not any(inputs[4:5]))  # as matmul_op.c's create() requires
     if op_type == "GroupQueryAttention":
         defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0,
                     "qk_output": 0}
