@@ -34,10 +34,6 @@ static inline __m512 load16(const void *cache, size_t i, __mmask16 m, const int 
                 : _mm512_maskz_loadu_ps(m, (const float *)cache + i);
 }
 
-static inline float load1(const void *cache, size_t i, const int half) {
-    return half ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
-}
-
 /* row [n] stored into the cache at element i (rounded to fp16 when `half`). */
 void gqa_store_row(void *cache, size_t i, const float *row, int n, int half) {
     if (!half) {
@@ -132,9 +128,50 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
     for (int d = 0; d < head_dim; d++) out[d] = o[d] * inv;
 }
 
+/* 16 x 16 floats transposed in registers: r[i] lane j <- r[j] lane i. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)  /* r[i + e]: element e of each 128-bit lane, rows i..i+3 */
+        for (int j = 0; j < 2; j++) {
+            const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    }
+}
+
 #define BLOCK_ROWS 64   /* query rows sharing each transposed key block */
 #define BLOCK_KEYS 32   /* keys per prefill step: two zmm of scores per row */
 #define GROUP_ROWS 4    /* rows computed together: 8 score and 4 x head_dim/16 output accumulators */
+
+/* kt [head_dim][BLOCK_KEYS] <- the nk keys at cache element `at` (rows of head_dim), zero past nk. */
+static inline __attribute__((always_inline)) void transpose_keys(const void *keys, size_t at, int nk,
+                                                                 const int head_dim, const int half, float *kt) {
+    const int vecs = (head_dim + 15) / 16;
+    for (int h = 0; h < BLOCK_KEYS / 16; h++)
+        for (int v = 0; v < vecs; v++) {
+            const __mmask16 m = v + 1 < vecs || head_dim % 16 == 0 ? 0xFFFF : (__mmask16)((1u << (head_dim % 16)) - 1);
+            __m512 r[16];
+            for (int t = 0; t < 16; t++)
+                r[t] = 16 * h + t < nk ? load16(keys, at + (size_t)(16 * h + t) * head_dim + v * 16, m, half)
+                                       : _mm512_setzero_ps();
+            transpose16(r);  /* r[i] = dim 16v+i of the 16 keys */
+            for (int i = 0; i < 16 && 16 * v + i < head_dim; i++)
+                _mm512_store_ps(kt + (size_t)(16 * v + i) * BLOCK_KEYS + 16 * h, r[i]);
+        }
+}
 
 /* Rows [g, g+GROUP_ROWS) of a block over keys j0..j0+nk-1 (kt: those keys transposed, [d][BLOCK_KEYS]):
    scores, the online-softmax update of each row, and o = o * alpha + p . V. Rows past `live` are padding. */
@@ -207,9 +244,7 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
         memset(o_buf, 0, sizeof(float) * nr * head_dim);
         for (int j0 = 0; j0 <= last_pos; j0 += BLOCK_KEYS) {
             const int nk = last_pos + 1 - j0 < BLOCK_KEYS ? last_pos + 1 - j0 : BLOCK_KEYS;
-            for (int t = 0; t < BLOCK_KEYS; t++)
-                for (int d = 0; d < head_dim; d++)
-                    kt[d * BLOCK_KEYS + t] = t < nk ? load1(keys, (size_t)(j0 + t) * head_dim + d, half) : 0.f;
+            transpose_keys(keys, (size_t)j0 * head_dim, nk, head_dim, half, kt);
             for (int g = 0; g < nr; g += GROUP_ROWS) {
                 const int live = nr - g < GROUP_ROWS ? nr - g : GROUP_ROWS, first = first_pos + r0 + g;
                 if (j0 <= first + live - 1)  /* causal: some row of the group sees these keys */
