@@ -279,6 +279,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
         "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
         "kv cache": f"{'float16' if kv_bytes == 2 else 'float32'}, {context} tokens",
         "image features": f"{image_tokens} tokens",
-        "activations": f"prefill of {prompt} tokens incl. attention scores, "
-                       f"x2 for the arena (+{2 * scores / max(prompt, 1) / 1e6:.2f} MB per longer prompt token)"})
+        "activations": f"prefill of {prompt} tokens, x2 for the arena" + (
+            f", incl. attention scores (+{2 * scores / max(prompt, 1) / 1e6:.2f} MB per longer prompt token)"
+            if scores else " (edgelmm's attention keeps no score matrix)")})
     return plan
