@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     copy_bytes = 1 << (29 if args.shape == "phi2" else 24)
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # its arrays stay out of this process's RSS
         bw_before = pool.apply(measure_bandwidth, (copy_bytes, 3, args.threads))[0] / 1e9
-    edgelmm_ops = ort_ops.applies("cpu", "float32")
-    session = decoder_session(path, ["CPUExecutionProvider"], args.threads, edgelmm_ops=edgelmm_ops)
+    session, edgelmm_ops = decoder_session(path, ["CPUExecutionProvider"], args.threads,
+                                           edgelmm_ops=ort_ops.applies("cpu", "float32"))
     run(session, cfg, 8, 2, context)  # warm-up
     prefill_s, decode_s = run(session, cfg, args.prompt_tokens, args.new_tokens, context)
     peak = peak_rss_bytes()
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
               "weights_gb": round(weights / 1e9, 3), "rss_over_weights": round(peak / weights, 2),
               "bandwidth_gbs_before": round(bw_before, 1), "bandwidth_gbs_after": round(bw_after, 1)}
     if not args.no_profile:
-        session = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"), edgelmm_ops)
+        session, _ = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"), edgelmm_ops)
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
         run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
         result["profile"] = profile_summary(session.end_profiling(), skip=3)

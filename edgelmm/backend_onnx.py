@@ -60,10 +60,10 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 
 def decoder_session(path: Path, providers: list[str], threads: int | None = None,
                     profile_prefix: str | None = None, edgelmm_ops: bool = False):
-    """The decoder's InferenceSession. With ``edgelmm_ops`` (an fp32 CPU export where edgelmm.ort_ops applies)
-    its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes run on edgelmm's kernels instead of
-    onnxruntime's, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``; any failure to set that up falls
-    back to onnxruntime's kernels with a note on stderr."""
+    """(the decoder's InferenceSession, whether edgelmm's kernels run in it). With ``edgelmm_ops`` (an fp32 CPU
+    export where edgelmm.ort_ops applies) its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes
+    run on edgelmm's kernels instead of onnxruntime's, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``;
+    any failure to set that up falls back to onnxruntime's kernels with a note on stderr."""
     ort = _ort()
     if edgelmm_ops and providers == ["CPUExecutionProvider"]:
         opts = session_options(threads, profile_prefix)
@@ -73,10 +73,10 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
                 opts.register_custom_ops_library(str(ort_ops.library()))
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                               str(Path(path).parent))
-                return ort.InferenceSession(model, opts, providers=providers)
+                return ort.InferenceSession(model, opts, providers=providers), True
         except Exception as e:  # noqa: BLE001 - any failure of the ops falls back to onnxruntime's kernels
             print(f"edgelmm: edgelmm's CPU ops did not load, using onnxruntime's kernels ({e})", file=sys.stderr)
-    return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers)
+    return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers), False
 
 
 class KVDecoder:
@@ -130,6 +130,7 @@ class OnnxBackend:
         self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type)
         self.no_image = np.zeros((1, 1, t.hidden_size), self.dtype)  # image_features for text-only steps
         self.image_ids = np.array(config.image_token_ids, np.int64)
+        self.decoder_kernels = "onnxruntime"  # or "edgelmm" (edgelmm.ort_ops), set by load
 
     @classmethod
     def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
@@ -140,13 +141,16 @@ class OnnxBackend:
         chosen = providers(config.target, device)
         opts = session_options(threads)
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
+        decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
+                                               edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
         sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen),
                     "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
-                    "decoder": decoder_session(config.decoder, no_trt, threads,
-                                               edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))}
+                    "decoder": decoder}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)
-        return cls(config, sessions, device_type, limit)
+        backend = cls(config, sessions, device_type, limit)
+        backend.decoder_kernels = "edgelmm" if edgelmm_ops else "onnxruntime"
+        return backend
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """pixels [1, 3, S, S] → image features [1, N, D] (numpy, the export's I/O dtype)."""

@@ -111,8 +111,9 @@ class EdgeSession:
         if onnx:
             cfg = backend.config
             self.weight_bytes = onnx_decode_bytes(cfg.decoder)
-            kv_elem = np.dtype(cfg.io_dtype).itemsize
+            kv_elem = 2 if backend.decoder.kv[0][0].data_type() == "tensor(float16)" else 4
             self.weights = f"onnx {cfg.quantization.get('bits', 16)}-bit" if cfg.quantization else "onnx fp"
+            self.weights += " (edgelmm ops)" if backend.decoder_kernels == "edgelmm" else ""
         else:
             self.weight_bytes = torch_decode_bytes(backend.model.text)
             kv_elem = backend.cache.data.element_size()

@@ -82,6 +82,8 @@ def test_report_fields_types_and_units(report):
     assert by_name["edgelmm-gptq4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-gptq4"]["weights"]
     assert by_name["transformers"]["status"] == "ok"
     assert by_name["edgelmm-onnx4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-onnx4"]["weights"]
+    from edgelmm import ort_ops
+    assert ("edgelmm ops" in by_name["edgelmm-onnx4"]["weights"]) == (ort_ops.unavailable_reason() is None)
     assert by_name["transformers"]["scope"] == "language-model-only"  # Factory TinyLLaVA: HF has no class for it
     assert "device: cpu" in stdout and "memory bandwidth" in stdout and "jetson_clocks: n/a" in stdout
 

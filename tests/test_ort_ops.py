@@ -121,6 +121,7 @@ def test_exported_decoder_on_the_op_matches_onnxruntime(tiny_checkpoint, tmp_pat
         model = EdgeLMM.load(out)
         cache_types = {i.type for i in model.backend.decoder.session.get_inputs() if i.name.startswith("past")}
         assert cache_types == {"tensor(float16)" if setting == "1" else "tensor(float)"}  # which kernels ran
+        assert model.backend.decoder_kernels == ("edgelmm" if setting == "1" else "onnxruntime")
         _, ids = model.prompt_ids("What is in the picture?")
         logits[setting] = [model.backend.prefill(ids, model.backend.encode_image(model.pixels(img)))
                            for img in (image, image.transpose(0))]  # PIL FLIP_LEFT_RIGHT
@@ -145,7 +146,8 @@ def test_off_switch_and_build_failure_fall_back(tmp_path, monkeypatch, capsys):
         packed, scales, _, w = _weights(rng, 32, 128, 32, False)
         path = tmp_path / "node.onnx"
         onnx.save(_node_model("com.microsoft", [1, 1, 128], 32, 128, 32, packed, scales, None, None), str(path))
-        session = decoder_session(path, ["CPUExecutionProvider"], threads=1, edgelmm_ops=True)  # falls back
+        session, edgelmm_ops = decoder_session(path, ["CPUExecutionProvider"], threads=1, edgelmm_ops=True)
+        assert not edgelmm_ops  # fell back to onnxruntime's kernel
         x = rng.standard_normal((1, 1, 128)).astype(np.float32)
         assert np.abs(session.run(None, {"x": x})[0][0] - x[0] @ w.T).max() < 3e-2 * np.abs(x[0] @ w.T).max()
     finally:

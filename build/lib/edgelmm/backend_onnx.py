@@ -1,0 +1,172 @@
+"""The onnxruntime backend: runs an ``edgelmm export --format onnx`` folder (vision, embedding and decoder
+graphs, tied together by genai_config.json) with onnxruntime and numpy only — nothing on this path imports
+torch.
+
+The KV cache is one preallocated OrtValue per layer and per K/V, of the whole context's length, bound both
+as the decoder's ``past_key_values.i.*`` input and as its ``present.i.*`` output, so GroupQueryAttention
+appends to it in place (past/present buffer sharing) and no step copies the cache. Logits go to a
+preallocated output; on CUDA the embeddings stay on the device between the embedding and decoder runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import ort_ops
+from .errors import ConfigError
+from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig
+
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("this is an ONNX export; install onnxruntime (pip install edgelmm[onnx]) "
+                          "or onnxruntime-gpu") from None
+    return onnxruntime
+
+
+def providers(target: str, device: str | None) -> list[str]:
+    """Execution providers by availability: TensorRT / CUDA for a CUDA (fp16) export unless ``device`` is
+    "cpu", else CPU. CPU exports run on CPU (GroupQueryAttention has no fp32 CUDA kernel)."""
+    available = _ort().get_available_providers()
+    chosen = []
+    if target == "cuda" and device != "cpu":
+        chosen = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    elif device not in (None, "cpu"):
+        raise ConfigError(f"this ONNX export targets the CPU; device {device!r} needs an export with --target cuda")
+    return chosen + ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, profile_prefix: str | None = None):
+    """SessionOptions: ``threads`` intra-op threads (default ``EDGELMM_THREADS`` or onnxruntime's choice),
+    full graph optimization, optional profiling to ``profile_prefix``."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    threads = threads or int(os.environ.get("EDGELMM_THREADS", "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
+
+
+def decoder_session(path: Path, providers: list[str], threads: int | None = None,
+                    profile_prefix: str | None = None, edgelmm_ops: bool = False):
+    """The decoder's InferenceSession. With ``edgelmm_ops`` (an fp32 CPU export where edgelmm.ort_ops applies)
+    its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes run on edgelmm's kernels instead of
+    onnxruntime's, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``; any failure to set that up falls
+    back to onnxruntime's kernels with a note on stderr."""
+    ort = _ort()
+    if edgelmm_ops and providers == ["CPUExecutionProvider"]:
+        opts = session_options(threads, profile_prefix)
+        try:
+            model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), ort_ops.half_cache())
+            if moved:
+                opts.register_custom_ops_library(str(ort_ops.library()))
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(Path(path).parent))
+                return ort.InferenceSession(model, opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - any failure of the ops falls back to onnxruntime's kernels
+            print(f"edgelmm: edgelmm's CPU ops did not load, using onnxruntime's kernels ({e})", file=sys.stderr)
+    return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers)
+
+
+class KVDecoder:
+    """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
+    past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask."""
+
+    def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu"):
+        ort = _ort()
+        self.session, self.max_seq_len, self.device_type = session, max_seq_len, device_type
+        shape = [1, text.num_kv_heads, max_seq_len, text.head_dim]
+        types = {i.name: i.type for i in session.get_inputs()}  # fp16 caches on edgelmm's attention op
+
+        def cache(name):
+            cache_dtype = np.float16 if types.get(name) == "tensor(float16)" else dtype
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, cache_dtype, device_type, 0)
+
+        self.kv = [(cache(PAST_KEY % i), cache(PAST_VALUE % i)) for i in range(text.num_layers)]
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, text.vocab_size], dtype, "cpu", 0)
+        self.mask = np.ones((1, max_seq_len), np.int64)
+        self.binding = session.io_binding()
+        for i, (k, v) in enumerate(self.kv):
+            self.binding.bind_ortvalue_input(PAST_KEY % i, k)
+            self.binding.bind_ortvalue_input(PAST_VALUE % i, v)
+            self.binding.bind_ortvalue_output(PRESENT_KEY % i, k)
+            self.binding.bind_ortvalue_output(PRESENT_VALUE % i, v)
+        self.binding.bind_ortvalue_output("logits", self.logits)
+
+    def run(self, embeds, total: int) -> np.ndarray:
+        """Run ``embeds`` (an OrtValue or numpy array [1, S, D]) as positions total-S..total-1; the cache must
+        hold positions 0..total-S-1. Returns the last position's logits [V] as float32."""
+        if total > self.max_seq_len:
+            raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
+        if isinstance(embeds, np.ndarray):
+            self.binding.bind_cpu_input("inputs_embeds", embeds)
+        else:
+            self.binding.bind_ortvalue_input("inputs_embeds", embeds)
+        self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+        self.session.run_with_iobinding(self.binding)
+        return self.logits.numpy()[0, -1].astype(np.float32)  # a copy: the buffer is rewritten next step
+
+
+class OnnxBackend:
+    """Three onnxruntime sessions and the KV decoder; implements generate.Backend."""
+
+    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int):
+        self.config, self.spec = config, config.spec
+        self.vision, self.embedding = sessions["vision"], sessions["embedding"]
+        self.device_type, self.max_seq_len = device_type, max_seq_len
+        t = self.spec.text
+        self.dtype = _NP[config.io_dtype]
+        self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type)
+        self.no_image = np.zeros((1, 1, t.hidden_size), self.dtype)  # image_features for text-only steps
+        self.image_ids = np.array(config.image_token_ids, np.int64)
+
+    @classmethod
+    def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
+             threads: int | None = None) -> OnnxBackend:
+        """Open the export in ``folder``; ``context_length`` caps the preallocated KV cache."""
+        ort = _ort()
+        config = OnnxConfig.read(folder)
+        chosen = providers(config.target, device)
+        opts = session_options(threads)
+        no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
+        sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen),
+                    "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
+                    "decoder": decoder_session(config.decoder, no_trt, threads,
+                                               edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))}
+        device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
+        limit = min(context_length or config.context_length, config.context_length)
+        return cls(config, sessions, device_type, limit)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [1, 3, S, S] → image features [1, N, D] (numpy, the export's I/O dtype)."""
+        return self.vision.run(["image_features"], {"pixel_values": pixels.astype(self.dtype)})[0]
+
+    def _embed(self, ids: list[int], features: np.ndarray):
+        binding = self.embedding.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        binding.bind_cpu_input("image_features", np.ascontiguousarray(features, self.dtype))
+        binding.bind_output("inputs_embeds", self.device_type)
+        self.embedding.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def prefill(self, ids: list[int], features: np.ndarray) -> np.ndarray:
+        """Run the prompt from position 0 (image positions take ``features`` in order); logits [V]."""
+        n = int(np.isin(np.asarray(ids), self.image_ids).sum())
+        if n != features.shape[0] * features.shape[1]:
+            raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
+        return self.decoder.run(self._embed(ids, features), len(ids))
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""
+        return self.decoder.run(self._embed([token], self.no_image), position + 1)

@@ -1,0 +1,142 @@
+"""Configuration dataclasses, one per model part, each parsed once from an HF-style config dict."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+TEXT_ARCHS = ("phi", "llama", "gemma", "qwen2")
+VISION_ARCHS = ("siglip", "clip")
+
+
+def _require(cfg: dict, *keys: str):
+    """Return the first of ``keys`` present in ``cfg``; raise ConfigError naming them otherwise."""
+    for key in keys:
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+    raise ConfigError(f"config is missing {' / '.join(keys)}; is this an unmodified checkpoint folder?")
+
+
+@dataclass(slots=True)
+class TextConfig:
+    """Decoder-only language model hyperparameters (Phi, Llama/TinyLlama, Gemma, Qwen2)."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_theta: float
+    norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    lm_head_bias: bool
+    qkv_bias: bool
+    out_bias: bool
+    qk_layernorm: bool = False  # per-head LayerNorm on q and k before rotary (Phi option; TinyGPT-V)
+    post_attention_rmsnorm: bool = False  # TinyGPT-V: RMSNorm on the attention output (parallel block)
+
+    def __post_init__(self):
+        if self.arch not in TEXT_ARCHS:
+            raise ConfigError(f"unsupported language model architecture {self.arch!r}; edgelmm runs {TEXT_ARCHS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of kv heads {self.num_kv_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict, arch: str) -> TextConfig:
+        """Parse an HF text config (PhiConfig/LlamaConfig/GemmaConfig/Qwen2Config fields)."""
+        hidden = _require(cfg, "hidden_size")
+        heads = _require(cfg, "num_attention_heads")
+        head_dim = cfg.get("head_dim") or hidden // heads
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if arch == "phi":
+            act, eps = cfg.get("hidden_act", "gelu_new"), cfg.get("layer_norm_eps", 1e-5)
+        else:
+            act, eps = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"), cfg.get("rms_norm_eps", 1e-6)
+        if arch == "gemma" and act == "gelu":  # the released Gemma configs say "gelu" but mean tanh-GELU
+            act = "gelu_pytorch_tanh"
+        return cls(
+            arch=arch,
+            vocab_size=_require(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_require(cfg, "intermediate_size"),
+            num_layers=_require(cfg, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * partial),
+            rope_theta=float(theta),
+            norm_eps=float(eps),
+            hidden_act=act,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma")),
+            lm_head_bias=arch == "phi",
+            qkv_bias=arch in ("phi", "qwen2") or bool(cfg.get("attention_bias", False)),
+            out_bias=arch == "phi" or bool(cfg.get("attention_bias", False)),
+        )
+
+
+@dataclass(slots=True)
+class VisionConfig:
+    """ViT vision tower hyperparameters. Only ``num_layers`` encoder layers are built: the ones that feed
+    the selected feature layer, so the unused tail (and the pooling head) is never loaded."""
+
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    norm_eps: float
+    hidden_act: str
+    drop_first_token: bool
+
+    def __post_init__(self):
+        if self.arch not in VISION_ARCHS:
+            raise ConfigError(f"unsupported vision tower {self.arch!r}; edgelmm runs {VISION_ARCHS}")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"image size {self.image_size} is smaller than the patch size {self.patch_size}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + (self.arch == "clip")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_positions - self.drop_first_token
+
+    @classmethod
+    def from_hf(cls, cfg: dict, arch: str, feature_layer: int, drop_first_token: bool) -> VisionConfig:
+        """Parse an HF SiglipVisionConfig/CLIPVisionConfig dict; ``feature_layer`` indexes HF's
+        ``hidden_states`` tuple (embeddings first), so -2 means all layers but the last."""
+        total = _require(cfg, "num_hidden_layers")
+        used = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+        if not 0 <= used <= total:
+            raise ConfigError(f"vision feature layer {feature_layer} is outside a {total}-layer tower")
+        default_act = "quick_gelu" if arch == "clip" else "gelu_pytorch_tanh"
+        return cls(
+            arch=arch,
+            hidden_size=_require(cfg, "hidden_size"),
+            intermediate_size=_require(cfg, "intermediate_size"),
+            num_layers=used,
+            num_heads=_require(cfg, "num_attention_heads"),
+            patch_size=_require(cfg, "patch_size"),
+            image_size=_require(cfg, "image_size"),
+            norm_eps=float(cfg.get("layer_norm_eps", 1e-5 if arch == "clip" else 1e-6)),
+            hidden_act=cfg.get("hidden_act", default_act),
+            drop_first_token=drop_first_token,
+        )

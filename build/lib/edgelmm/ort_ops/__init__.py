@@ -1,0 +1,110 @@
+"""edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4-bit, int8 compute) on an
+AVX512-VNNI int4 x int8 GEMM/GEMV, and ``GroupQueryAttention`` as causal block attention over an fp16 (or fp32)
+KV cache.
+
+onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
+length; q4_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
+feeding ``vpdpbusd`` straight from them (the GEMV for one token streams each column once). It reads the
+exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy, and it quantizes
+activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~2e-7.
+gqa_kernels.c never computes the masked half of a prompt's attention and, with the fp16 cache, reads half the
+bytes per decode step.
+
+The library is compiled once, on first use, with the system C compiler into ``cache_root()/ort_ops`` and
+used only for fp32 CPU exports on x86-64 Linux CPUs with AVX512-VNNI; ``EDGELMM_ORT_OPS=0`` turns it off,
+``EDGELMM_ONNX_KV=float32`` keeps the cache fp32. Without it the decoder runs onnxruntime's own kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from ..paths import cache_root
+from .rewrite import DOMAIN, rewrite_model
+
+SOURCES = ("q4_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
+HEADERS = ("ort_api.h", "kernels.h")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512vnni", "-mfma", "-mf16c")
+
+__all__ = ["DOMAIN", "applies", "half_cache", "library", "rewrite_model", "unavailable_reason"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def unavailable_reason() -> str | None:
+    """Why the custom op cannot be used here, or None when it can."""
+    if os.environ.get("EDGELMM_ORT_OPS", "1").lower() in ("0", "off", "false", "no"):
+        return "turned off by EDGELMM_ORT_OPS"
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"built for x86-64 Linux only (this is {sys.platform} {platform.machine()})"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if not _compiler():
+        return "no C compiler (cc/gcc) to build it"
+    return None
+
+
+def half_cache() -> bool:
+    """Whether the attention op keeps the KV cache in fp16 (the default; ``EDGELMM_ONNX_KV=float32`` or ``fp32``
+    keeps the export's fp32)."""
+    return os.environ.get("EDGELMM_ONNX_KV", "float16").lower() not in ("float32", "fp32")
+
+
+def applies(target: str, io_dtype: str) -> bool:
+    """Whether an export of this target and I/O dtype runs its decoder on the ops here (building them if needed):
+    fp32 CPU exports, where the ops are available."""
+    return target == "cpu" and io_dtype == "float32" and library() is not None
+
+
+def library() -> Path | None:
+    """The compiled custom-op library (built once per source version, on first use), or None when it cannot
+    be used here (see ``unavailable_reason``) or failed to build (with a note on stderr)."""
+    return None if unavailable_reason() else _build()
+
+
+@lru_cache(maxsize=1)
+def _build() -> Path | None:
+    here = Path(__file__).parent
+    cc = _compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+        sources = "\0".join((here / s).read_text() for s in SOURCES + HEADERS)
+        digest = hashlib.sha256("\0".join([*CFLAGS, version, sources]).encode()).hexdigest()[:16]
+        target = cache_root() / "ort_ops" / f"libedgelmm_ort_ops-{digest}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed when complete
+            built = Path(tmp) / target.name
+            result = subprocess.run([cc, *CFLAGS, "-o", str(built), *(str(here / s) for s in SOURCES)],
+                                    capture_output=True, text=True, check=False)
+            if result.returncode:
+                raise OSError(f"{cc}: {result.stderr.strip()[-500:]}")
+            os.replace(built, target)
+        return target
+    except OSError as e:
+        print(f"edgelmm: could not build edgelmm's CPU ops, using onnxruntime's kernels ({e})", file=sys.stderr)
+        return None

@@ -1,0 +1,278 @@
+/* Causal attention over a KV cache for one sequence (batch 1), fp32 compute over an fp32 or fp16 cache,
+   AVX-512: the compute behind edgelmm.GroupQueryAttention (gqa_op.c). Rotary (rotate-half on the first rotary_dim dims) is applied to the
+   new queries and keys; the new keys/values are written into the cache at their positions; each query row
+   attends to positions 0..its own, online-softmax over key blocks, so the masked upper triangle is never
+   computed. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define KEYS 16          /* keys per decode block: one zmm of scores */
+
+/* e^x for x <= 0 (softmax arguments), ~1 ulp: 2^n * p(r), x = n ln2 + r. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 cache values at element i (fp16 when `half`), lanes outside m zero. */
+static inline __m512 load16(const void *cache, size_t i, __mmask16 m, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)cache + i))
+                : _mm512_maskz_loadu_ps(m, (const float *)cache + i);
+}
+
+/* row [n] stored into the cache at element i (rounded to fp16 when `half`). */
+void gqa_store_row(void *cache, size_t i, const float *row, int n, int half) {
+    if (!half) {
+        memcpy((float *)cache + i, row, sizeof(float) * n);
+        return;
+    }
+    for (int d = 0; d < n; d += 16) {
+        const __mmask16 m = n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1);
+        const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(m, row + d), _mm512_set1_ps(-65504.f)),
+                                       _mm512_set1_ps(65504.f));  /* saturate: no inf in the cache */
+        _mm256_mask_storeu_epi16((uint16_t *)cache + i + d, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+/* x[0..rotary_dim) rotated by position pos (cos/sin rows of rotary_dim/2), the rest copied, times scale. */
+void gqa_rotate(const float *x, float *out, int head_dim, int rotary_dim, const float *cos_row, const float *sin_row,
+                float scale) {
+    const int half = rotary_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        out[i] = (x1 * cos_row[i] - x2 * sin_row[i]) * scale;
+        out[i + half] = (x2 * cos_row[i] + x1 * sin_row[i]) * scale;
+    }
+    for (int i = rotary_dim; i < head_dim; i++) out[i] = x[i] * scale;
+}
+
+/* v[t] summed across lanes, as lane t of the result (a transpose-and-add tree). */
+static inline __m512 lane_sums(const __m512 v[KEYS]) {
+    __m512 pairs[8], quads[4];
+    for (int i = 0; i < 8; i++)
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+    const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+}
+
+typedef struct { float max, sum; } Softmax;
+
+/* One online-softmax step of a row: scores s (lanes past `valid` masked), then o = o * alpha + p . V block. */
+static inline __attribute__((always_inline)) void softmax_step(__m512 s, int valid, Softmax *st, float *o,
+                                                                const void *values, size_t v0, const int head_dim,
+                                                                const int half) {
+    const int vecs = (head_dim + 15) / 16;
+    const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
+    const __mmask16 live = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+    s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s);
+    const float m_new = fmaxf(st->max, _mm512_reduce_max_ps(s)), alpha = expf(st->max - m_new);
+    const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+    st->sum = st->sum * alpha + _mm512_reduce_add_ps(p);
+    st->max = m_new;
+    float pv[KEYS];
+    _mm512_storeu_ps(pv, p);
+    __m512 acc[MAX_HEAD_DIM / 16];
+    for (int v = 0; v < vecs; v++)
+        acc[v] = _mm512_mul_ps(_mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, o + v * 16), _mm512_set1_ps(alpha));
+    for (int t = 0; t < valid; t++) {
+        const __m512 pt = _mm512_set1_ps(pv[t]);
+        for (int v = 0; v < vecs; v++)
+            acc[v] = _mm512_fmadd_ps(pt, load16(values, v0 + (size_t)t * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail,
+                                                half), acc[v]);
+    }
+    for (int v = 0; v < vecs; v++) _mm512_mask_storeu_ps(o + v * 16, v + 1 < vecs ? 0xFFFF : tail, acc[v]);
+}
+
+/* One query row at position pos (a decode step): scores of 16 keys at a time as 16 dot products. */
+static inline __attribute__((always_inline)) void attend_one(int pos, const int head_dim, const float *q, const void *keys,
+                                                              const void *values, float *out, const int half) {
+    const int vecs = (head_dim + 15) / 16;
+    const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
+    __m512 qv[MAX_HEAD_DIM / 16], dots[KEYS];
+    float o[MAX_HEAD_DIM] __attribute__((aligned(64)));
+    for (int v = 0; v < vecs; v++) qv[v] = _mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, q + v * 16);
+    memset(o, 0, sizeof(float) * head_dim);
+    Softmax st = {-INFINITY, 0.f};
+    for (int j0 = 0; j0 <= pos; j0 += KEYS) {
+        const int nk = pos + 1 - j0 < KEYS ? pos + 1 - j0 : KEYS;
+        for (int t = 0; t < KEYS; t++) {
+            __m512 d = _mm512_setzero_ps();
+            if (t < nk)
+                for (int v = 0; v < vecs; v++)
+                    d = _mm512_fmadd_ps(qv[v], load16(keys, (size_t)(j0 + t) * head_dim + v * 16,
+                                                      v + 1 < vecs ? 0xFFFF : tail, half), d);
+            dots[t] = d;
+        }
+        softmax_step(lane_sums(dots), nk, &st, o, values, (size_t)j0 * head_dim, head_dim, half);
+    }
+    const float inv = 1.f / st.sum;
+    for (int d = 0; d < head_dim; d++) out[d] = o[d] * inv;
+}
+
+/* 16 x 16 floats transposed in registers: r[i] lane j <- r[j] lane i. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)  /* r[i + e]: element e of each 128-bit lane, rows i..i+3 */
+        for (int j = 0; j < 2; j++) {
+            const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    }
+}
+
+#define BLOCK_ROWS 64   /* query rows sharing each transposed key block */
+#define BLOCK_KEYS 32   /* keys per prefill step: two zmm of scores per row */
+#define GROUP_ROWS 4    /* rows computed together: 8 score and 4 x head_dim/16 output accumulators */
+
+/* kt [head_dim][BLOCK_KEYS] <- the nk keys at cache element `at` (rows of head_dim), zero past nk. */
+static inline __attribute__((always_inline)) void transpose_keys(const void *keys, size_t at, int nk,
+                                                                 const int head_dim, const int half, float *kt) {
+    const int vecs = (head_dim + 15) / 16;
+    for (int h = 0; h < BLOCK_KEYS / 16; h++)
+        for (int v = 0; v < vecs; v++) {
+            const __mmask16 m = v + 1 < vecs || head_dim % 16 == 0 ? 0xFFFF : (__mmask16)((1u << (head_dim % 16)) - 1);
+            __m512 r[16];
+            for (int t = 0; t < 16; t++)
+                r[t] = 16 * h + t < nk ? load16(keys, at + (size_t)(16 * h + t) * head_dim + v * 16, m, half)
+                                       : _mm512_setzero_ps();
+            transpose16(r);  /* r[i] = dim 16v+i of the 16 keys */
+            for (int i = 0; i < 16 && 16 * v + i < head_dim; i++)
+                _mm512_store_ps(kt + (size_t)(16 * v + i) * BLOCK_KEYS + 16 * h, r[i]);
+        }
+}
+
+/* Rows [g, g+GROUP_ROWS) of a block over keys j0..j0+nk-1 (kt: those keys transposed, [d][BLOCK_KEYS]):
+   scores, the online-softmax update of each row, and o = o * alpha + p . V. Rows past `live` are padding. */
+static inline __attribute__((always_inline)) void prefill_group(int live, int first_pos, int j0, int nk, const int head_dim,
+                                                                 const float *q, const float *kt, const void *values,
+                                                                 Softmax *st, float *o, const int half) {
+    const int vecs = (head_dim + 15) / 16;
+    const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
+    __m512 s[GROUP_ROWS][2];
+    for (int i = 0; i < GROUP_ROWS; i++) s[i][0] = s[i][1] = _mm512_setzero_ps();
+    for (int d = 0; d < head_dim; d++) {
+        const __m512 k0 = _mm512_load_ps(kt + d * BLOCK_KEYS), k1 = _mm512_load_ps(kt + d * BLOCK_KEYS + 16);
+        for (int i = 0; i < GROUP_ROWS; i++) {
+            const __m512 b = _mm512_set1_ps(i < live ? q[(size_t)i * head_dim + d] : 0.f);
+            s[i][0] = _mm512_fmadd_ps(b, k0, s[i][0]);
+            s[i][1] = _mm512_fmadd_ps(b, k1, s[i][1]);
+        }
+    }
+    float p[GROUP_ROWS][BLOCK_KEYS] __attribute__((aligned(64))), alpha[GROUP_ROWS];
+    for (int i = 0; i < GROUP_ROWS; i++) {
+        int valid = first_pos + i - j0 + 1;
+        valid = i >= live || valid < 0 ? 0 : valid < nk ? valid : nk;
+        if (!valid) {  /* padding, or a row before these keys (causal): unchanged */
+            alpha[i] = 1.f;
+            memset(p[i], 0, sizeof p[i]);
+            continue;
+        }
+        const __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+        const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
+        const __m512 s0 = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[i][0]);
+        const __m512 s1 = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[i][1]);
+        const float m_new = fmaxf(st[i].max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+        alpha[i] = expf(st[i].max - m_new);
+        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m_new))));
+        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, _mm512_set1_ps(m_new))));
+        st[i].sum = st[i].sum * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        st[i].max = m_new;
+        _mm512_store_ps(p[i], p0);
+        _mm512_store_ps(p[i] + 16, p1);
+    }
+    __m512 acc[GROUP_ROWS][MAX_HEAD_DIM / 16];
+    for (int i = 0; i < GROUP_ROWS; i++)
+        for (int v = 0; v < vecs; v++)
+            acc[i][v] = i < live ? _mm512_mul_ps(_mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, o + (size_t)i * head_dim + v * 16),
+                                                 _mm512_set1_ps(alpha[i])) : _mm512_setzero_ps();
+    for (int t = 0; t < nk; t++) {
+        for (int v = 0; v < vecs; v++) {
+            const __m512 x = load16(values, ((size_t)j0 + t) * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail, half);
+            for (int i = 0; i < GROUP_ROWS; i++) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][t]), x, acc[i][v]);
+        }
+    }
+    for (int i = 0; i < live && i < GROUP_ROWS; i++)
+        for (int v = 0; v < vecs; v++)
+            _mm512_mask_storeu_ps(o + (size_t)i * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail, acc[i][v]);
+}
+
+static inline __attribute__((always_inline)) void attend(int rows, int first_pos, const int head_dim, const float *q,
+                                                         const void *keys, const void *values, float *out, int ldo,
+                                                         const int half) {
+    if (rows == 1) {
+        attend_one(first_pos, head_dim, q, keys, values, out, half);
+        return;
+    }
+    static __thread float kt[MAX_HEAD_DIM * BLOCK_KEYS] __attribute__((aligned(64)));  /* [d][key] */
+    static __thread float o_buf[BLOCK_ROWS * MAX_HEAD_DIM] __attribute__((aligned(64)));
+    Softmax st[BLOCK_ROWS];
+    for (int r0 = 0; r0 < rows; r0 += BLOCK_ROWS) {
+        const int nr = rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS, last_pos = first_pos + r0 + nr - 1;
+        for (int r = 0; r < nr; r++) st[r] = (Softmax){-INFINITY, 0.f};
+        memset(o_buf, 0, sizeof(float) * nr * head_dim);
+        for (int j0 = 0; j0 <= last_pos; j0 += BLOCK_KEYS) {
+            const int nk = last_pos + 1 - j0 < BLOCK_KEYS ? last_pos + 1 - j0 : BLOCK_KEYS;
+            transpose_keys(keys, (size_t)j0 * head_dim, nk, head_dim, half, kt);
+            for (int g = 0; g < nr; g += GROUP_ROWS) {
+                const int live = nr - g < GROUP_ROWS ? nr - g : GROUP_ROWS, first = first_pos + r0 + g;
+                if (j0 <= first + live - 1)  /* causal: some row of the group sees these keys */
+                    prefill_group(live, first, j0, nk, head_dim, q + (size_t)(r0 + g) * head_dim, kt, values, st + g,
+                                  o_buf + (size_t)g * head_dim, half);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            const float inv = 1.f / st[r].sum;
+            for (int d = 0; d < head_dim; d++) out[(size_t)(r0 + r) * ldo + d] = o_buf[(size_t)r * head_dim + d] * inv;
+        }
+    }
+}
+
+/* Attention of `rows` query rows (already rotated and scaled, [rows][head_dim]) at positions first_pos..,
+   over the cache's keys/values [positions][head_dim] (fp16 when `half`; rows 0..first_pos+rows-1); out: rows
+   of stride ldo. Common head sizes get a kernel with the size fixed, so the accumulators stay in registers. */
+void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
+                float *out, int ldo, int half) {
+#define ATTEND(D) (half ? attend(rows, first_pos, D, q, keys, values, out, ldo, 1) \
+                        : attend(rows, first_pos, D, q, keys, values, out, ldo, 0))
+    switch (head_dim) {
+    case 64: ATTEND(64); break;
+    case 80: ATTEND(80); break;
+    case 96: ATTEND(96); break;
+    case 128: ATTEND(128); break;
+    case 256: ATTEND(256); break;
+    default: ATTEND(head_dim); break;
+    }
+#undef ATTEND
+}

@@ -1,0 +1,168 @@
+/* edgelmm.GroupQueryAttention: com.microsoft GroupQueryAttention for one sequence on CPU (fp32), on
+   gqa_kernels.c; edgelmm.GroupQueryAttentionHalfCache: the same over an fp16 cache (past/present fp16). Inputs as the original: query [1, S, Hq*D] (or packed q|k|v when key/value are absent),
+   key, value [1, S, Hkv*D], past_key/past_value [1, Hkv, P, D] (P may be the whole preallocated buffer,
+   bound as present too: the new rows are written in place), seqlens_k [1] (total - 1), total_sequence_length,
+   cos/sin caches [max_pos, rotary_dim/2] when do_rotary. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "ort_api.h"
+
+
+#define ROWS_PER_TASK 64
+
+typedef struct { int heads, kv_heads, rotary, half; float scale; } Node;
+
+static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
+    (void)api;
+    const int64_t heads = op_attr_int(info, "num_heads", 0), kv_heads = op_attr_int(info, "kv_num_heads", 0);
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || op_attr_int(info, "rotary_interleaved", 0) ||
+        op_attr_int(info, "local_window_size", -1) != -1 || op_attr_float(info, "softcap", 0.f) != 0.f ||
+        op_attr_int(info, "smooth_softmax", 0) || op_attr_int(info, "qk_output", 0))
+        return op_error("edgelmm.GroupQueryAttention: unsupported attributes");
+    Node *node = malloc(sizeof *node);
+    if (!node) return op_error("edgelmm.GroupQueryAttention: out of memory");
+    node->heads = (int)heads; node->kv_heads = (int)kv_heads;
+    node->rotary = (int)op_attr_int(info, "do_rotary", 0);
+    node->scale = op_attr_float(info, "scale", 0.f);
+    node->half = op == &group_query_attention_half_cache_op;
+    *out = node;
+    return 0;
+}
+
+typedef struct {
+    const Node *node;
+    int S, D, past, rows_len, q_stride, k_offset, v_offset, kv_stride, rotary_dim, tasks_per_head;
+    const float *q, *k, *v, *cos, *sin;
+    void *present_k, *present_v;
+    float *out, scale;
+    int failed;
+} Work;
+
+/* The new keys (rotated) and values of kv head i, written into the cache at positions past..past+S-1. */
+static void append_task(void *p, size_t i) {
+    Work *w = p;
+    const int D = w->D, half = w->rotary_dim / 2;
+    float row[MAX_HEAD_DIM];
+    for (int s = 0; s < w->S; s++) {
+        const int pos = w->past + s;
+        const size_t at = ((size_t)i * w->rows_len + pos) * D;
+        const float *ks = w->k + (size_t)s * w->kv_stride + w->k_offset + i * D;
+        if (w->rotary_dim) gqa_rotate(ks, row, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, 1.f);
+        gqa_store_row(w->present_k, at, w->rotary_dim ? row : ks, D, w->node->half);
+        gqa_store_row(w->present_v, at, w->v + (size_t)s * w->kv_stride + w->v_offset + i * D, D, w->node->half);
+    }
+}
+
+/* Query rows [r0, r0+64) of head h attend over the cache. */
+static void attend_task(void *p, size_t t) {
+    Work *w = p;
+    const int h = (int)t / w->tasks_per_head, r0 = (int)(t % w->tasks_per_head) * ROWS_PER_TASK, D = w->D;
+    const int rows = w->S - r0 < ROWS_PER_TASK ? w->S - r0 : ROWS_PER_TASK, half = w->rotary_dim / 2;
+    const int kvh = h / (w->node->heads / w->node->kv_heads);
+    float *q = aligned_alloc(64, sizeof(float) * ROWS_PER_TASK * ((D + 15) / 16) * 16);
+    if (!q) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
+    for (int r = 0; r < rows; r++) {
+        const int pos = w->past + r0 + r;
+        const float *src = w->q + (size_t)(r0 + r) * w->q_stride + h * D;
+        if (w->rotary_dim) gqa_rotate(src, q + r * D, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, w->scale);
+        else for (int d = 0; d < D; d++) q[r * D + d] = src[d] * w->scale;
+    }
+    const size_t cache = (size_t)kvh * w->rows_len * D * (w->node->half ? 2 : 4);
+    gqa_attend(rows, w->past + r0, D, q, (char *)w->present_k + cache, (char *)w->present_v + cache,
+               w->out + (size_t)r0 * w->node->heads * D + h * D, w->node->heads * D, w->node->half);
+    free(q);
+}
+
+static int same_dims(const int64_t *a, size_t ra, const int64_t *b, size_t rb) {
+    if (ra != rb) return 0;
+    for (size_t i = 0; i < ra; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+#define INCONSISTENT op_error("edgelmm.GroupQueryAttention: inconsistent inputs (one unpadded sequence only)")
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+    const Node *node = kernel;
+    const int H = node->heads, Hkv = node->kv_heads;
+    int64_t qd[8], kd[8], vd[8], pkd[8], pvd[8], cd[8], sd[8];
+    size_t qr = 0, kr = 0, vr = 0, pkr = 0, pvr = 0, cr = 0, sr = 0;
+    void *q, *k, *v, *pk, *pv, *seqlens, *total, *cos, *sin;
+    const int cache_type = node->half ? T_FLOAT16 : T_FLOAT;
+    const size_t elem = node->half ? 2 : 4;
+    CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
+    CHECK(op_input(ctx, 1, T_FLOAT, &k, kd, &kr));
+    CHECK(op_input(ctx, 2, T_FLOAT, &v, vd, &vr));
+    CHECK(op_input(ctx, 3, cache_type, &pk, pkd, &pkr));
+    CHECK(op_input(ctx, 4, cache_type, &pv, pvd, &pvr));
+    CHECK(op_input_sized(ctx, 5, T_INT32, &seqlens, 1));
+    CHECK(op_input_sized(ctx, 6, T_INT32, &total, 1));
+    CHECK(op_input(ctx, 7, T_FLOAT, &cos, cd, &cr));
+    CHECK(op_input(ctx, 8, T_FLOAT, &sin, sd, &sr));
+    if (qr != 3 || qd[0] != 1) return op_error("edgelmm.GroupQueryAttention: one sequence (batch 1) only");
+    const int packed = !k, S = (int)qd[1], T = *(const int32_t *)total, past = T - S;
+    const int64_t width = qd[2], D = width / (packed ? H + 2 * Hkv : H);
+    if (!k != !v || !pk != !pv || D < 1 || D > MAX_HEAD_DIM || width != D * (packed ? H + 2 * Hkv : H))
+        return INCONSISTENT;
+    if (!packed && (kr != 3 || kd[0] != 1 || kd[1] != S || kd[2] != Hkv * D || !same_dims(kd, kr, vd, vr)))
+        return INCONSISTENT;
+    if (pk && (pkr != 4 || pkd[0] != 1 || pkd[1] != Hkv || pkd[3] != D || !same_dims(pkd, pkr, pvd, pvr)))
+        return INCONSISTENT;
+    const int P = pk ? (int)pkd[2] : 0;
+    if (((const int32_t *)seqlens)[0] != T - 1 || past < 0 || P < past) return INCONSISTENT;
+    const int rotary_dim = node->rotary && cos ? (int)cd[1] * 2 : 0;
+    if (node->rotary && (!cos || !sin || cr != 2 || cd[0] < T || !same_dims(cd, cr, sd, sr) || rotary_dim > D))
+        return op_error("edgelmm.GroupQueryAttention: the rotary caches do not cover these positions");
+    const int L = P > T ? P : T;
+    int64_t out_dims[3] = {1, S, (int64_t)H * D}, cache_dims[4] = {1, Hkv, L, D};
+    void *out, *present_k, *present_v;
+    CHECK(op_output(ctx, 0, out_dims, 3, &out));
+    CHECK(op_output(ctx, 1, cache_dims, 4, &present_k));
+    CHECK(op_output(ctx, 2, cache_dims, 4, &present_v));
+    for (int i = 0; past && i < Hkv; i++) {  /* a cache not shared with its past: carry the past rows over */
+        if (present_k != pk)
+            memcpy((char *)present_k + (size_t)i * L * D * elem, (char *)pk + (size_t)i * P * D * elem, elem * past * D);
+        if (present_v != pv)
+            memcpy((char *)present_v + (size_t)i * L * D * elem, (char *)pv + (size_t)i * P * D * elem, elem * past * D);
+    }
+    Work w = {.node = node, .S = S, .D = (int)D, .past = past, .rows_len = L, .rotary_dim = rotary_dim,
+              .q = q, .k = packed ? q : k, .v = packed ? q : v, .cos = cos, .sin = sin,
+              .present_k = present_k, .present_v = present_v, .out = out,
+              .scale = node->scale != 0.f ? node->scale : 1.f / sqrtf((float)D)};
+    w.q_stride = (int)width;
+    w.kv_stride = packed ? width : Hkv * D;
+    w.k_offset = packed ? H * D : 0;
+    w.v_offset = packed ? (H + Hkv) * D : 0;
+    w.tasks_per_head = (S + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    CHECK(op_parallel(ctx, append_task, Hkv, &w));
+    CHECK(op_parallel(ctx, attend_task, (size_t)H * w.tasks_per_head, &w));
+    return w.failed ? op_error("edgelmm.GroupQueryAttention: out of memory") : 0;
+}
+
+static void destroy(void *kernel) { free(kernel); }
+static const char *name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
+static const char *half_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionHalfCache"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) {
+    return i == 5 || i == 6 ? T_INT32 : (i == 3 || i == 4) && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+}
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
+static int output_type(const OrtCustomOp *op, size_t i) {
+    return i && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+}
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 || i == 5 || i == 6 ? REQUIRED : OPTIONAL; }
+static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
+static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+
+#define GQA_OP(op_name) {                                                                                       \
+    .version = OP_API_VERSION, .GetName = op_name, .GetExecutionProviderType = provider, .GetInputType = input_type, \
+    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,             \
+    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,         \
+    .GetInputMemoryType = memory_type, .CreateKernelV2 = create, .KernelComputeV2 = compute}
+
+OrtCustomOp group_query_attention_op = GQA_OP(name);
+OrtCustomOp group_query_attention_half_cache_op = GQA_OP(half_cache_name);

@@ -1,0 +1,171 @@
+"""Point a decoder graph's eligible nodes at edgelmm's own kernels, without the onnx package.
+
+The graph is re-encoded at the protobuf wire level (onnx.proto field numbers): every field is copied as it
+is except, for each eligible node, its ``domain`` (``com.microsoft`` → ``edgelmm``), and the model gains an
+opset import for ``edgelmm``. External-data initializers stay references. Eligible:
+- ``MatMulNBits``: 4-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
+  block size dividing K, no ``g_idx``;
+- ``GroupQueryAttention``: no inputs past the rotary caches (position ids, attention bias, head sink), no
+  softcap, sliding window, smooth softmax, interleaved rotary or qk output. By default it becomes
+  ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
+  and the bytes each decode step reads.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+DOMAIN = "edgelmm"
+_MODEL_OPSET_IMPORT, _MODEL_GRAPH = 8, 7
+_GRAPH_NODE = 1
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
+_GRAPH_VALUE_INFOS = (11, 12, 13)  # input, output, value_info
+_VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 2, 1, 1
+_FLOAT16 = 10
+_ATTR_NAME, _ATTR_FLOAT, _ATTR_INT = 1, 2, 3
+_OPSET_DOMAIN, _OPSET_VERSION = 1, 2
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("negative varints are not written here")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, object, bytes]]:
+    """(field number, wire type, value, the field's raw bytes) of each field of a message."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire == _LEN:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (_I64, _I32):
+            size = 8 if wire == _I64 else 4
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf")
+        yield field, wire, value, buf[start:pos]
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | _LEN) + _encode_varint(len(payload)) + payload
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _node_info(node: bytes) -> tuple[str, str, list[str], list[str], dict]:
+    """(op_type, domain, inputs, outputs, int and float attributes) of a NodeProto."""
+    op_type = domain = ""
+    inputs, outputs, attrs = [], [], {}
+    for field, _, value, _ in _fields(node):
+        if field == _NODE_OP_TYPE:
+            op_type = value.decode()
+        elif field == _NODE_DOMAIN:
+            domain = value.decode()
+        elif field == _NODE_INPUT:
+            inputs.append(value.decode())
+        elif field == _NODE_OUTPUT:
+            outputs.append(value.decode())
+        elif field == _NODE_ATTRIBUTE:
+            attr = {f: v for f, _, v, _ in _fields(value)}
+            if _ATTR_INT in attr:
+                attrs[attr[_ATTR_NAME].decode()] = _signed(attr[_ATTR_INT])
+            elif _ATTR_FLOAT in attr:
+                attrs[attr[_ATTR_NAME].decode()] = struct.unpack("<f", attr[_ATTR_FLOAT])[0]
+    return op_type, domain, inputs, outputs, attrs
+
+
+def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool:
+    if domain != "com.microsoft":
+        return False
+    if op_type == "MatMulNBits":
+        k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
+        return (attrs.get("bits") == 4 and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096)
+                and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
+                and not any(inputs[4:5]))  # as matmul_op.c's create() requires
+    if op_type == "GroupQueryAttention":
+        defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0,
+                    "qk_output": 0}
+        return not any(inputs[9:]) and all(attrs.get(name, value) == value for name, value in defaults.items())
+    return False
+
+
+def _rewrite_node(node: bytes, op_type: str) -> bytes:
+    kept = b"".join(raw for field, _, _, raw in _fields(node) if field not in (_NODE_DOMAIN, _NODE_OP_TYPE))
+    return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
+
+
+def _retyped(value_info: bytes, elem_type: int) -> bytes:
+    """A ValueInfoProto of a tensor with its element type replaced."""
+    out = []
+    for field, wire, value, raw in _fields(value_info):
+        if field == _VALUE_INFO_TYPE and wire == _LEN:
+            type_proto = []
+            for t_field, t_wire, t_value, t_raw in _fields(value):
+                if t_field == _TYPE_TENSOR and t_wire == _LEN:
+                    tensor = b"".join(r for f, _, _, r in _fields(t_value) if f != _TENSOR_ELEM_TYPE)
+                    t_raw = _len_field(_TYPE_TENSOR, _encode_varint(_TENSOR_ELEM_TYPE << 3) + _encode_varint(elem_type)
+                                       + tensor)
+                type_proto.append(t_raw)
+            raw = _len_field(_VALUE_INFO_TYPE, b"".join(type_proto))
+        out.append(raw)
+    return b"".join(out)
+
+
+def _value_name(value_info: bytes) -> str:
+    return next((v.decode() for f, _, v, _ in _fields(value_info) if f == _VALUE_INFO_NAME), "")
+
+
+def rewrite_model(model: bytes, half_cache: bool = True) -> tuple[bytes, int]:
+    """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
+    were moved. With ``half_cache`` the moved attention nodes keep their KV cache in fp16
+    (``GroupQueryAttentionHalfCache``; the graph's past/present inputs and outputs become float16)."""
+    moved, caches, out = 0, set(), []
+    for field, wire, value, raw in _fields(model):
+        if field == _MODEL_GRAPH and wire == _LEN:
+            graph = []
+            for g_field, g_wire, g_value, g_raw in _fields(value):
+                if g_field == _GRAPH_NODE and g_wire == _LEN:
+                    op_type, domain, inputs, outputs, attrs = _node_info(g_value)
+                    if _eligible(op_type, domain, inputs, attrs):
+                        if op_type == "GroupQueryAttention" and half_cache:
+                            op_type = "GroupQueryAttentionHalfCache"
+                            caches.update(n for n in inputs[3:5] + outputs[1:3] if n)
+                        g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type))
+                        moved += 1
+                graph.append((g_field, g_wire, g_value, g_raw))
+            raw = _len_field(_MODEL_GRAPH, b"".join(
+                _len_field(f, _retyped(v, _FLOAT16)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
+                else r for f, w, v, r in graph))
+        out.append(raw)
+    if moved:
+        opset = _len_field(_OPSET_DOMAIN, DOMAIN.encode()) + _encode_varint(_OPSET_VERSION << 3) + _encode_varint(1)
+        out.append(_len_field(_MODEL_OPSET_IMPORT, opset))
+    return b"".join(out), moved
