@@ -97,6 +97,8 @@ def _build() -> Path | None:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"edgelmm: building edgelmm's CPU ops once into {target.parent} (about 10 s)", file=sys.stderr,
+              flush=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed when complete
             built = Path(tmp) / target.name
             result = subprocess.run([cc, *CFLAGS, "-o", str(built), *(str(here / s) for s in SOURCES)],
