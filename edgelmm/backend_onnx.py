@@ -121,8 +121,10 @@ class KVDecoder:
 class OnnxBackend:
     """Three onnxruntime sessions and the KV decoder; implements generate.Backend."""
 
-    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int):
+    def __init__(self, config: OnnxConfig, sessions: dict, device_type: str, max_seq_len: int,
+                 decoder_kernels: str = "onnxruntime"):
         self.config, self.spec = config, config.spec
+        self.decoder_kernels = decoder_kernels  # "edgelmm" when edgelmm.ort_ops runs the decoder's hot ops
         self.vision, self.embedding = sessions["vision"], sessions["embedding"]
         self.device_type, self.max_seq_len = device_type, max_seq_len
         t = self.spec.text
@@ -130,7 +132,6 @@ class OnnxBackend:
         self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type)
         self.no_image = np.zeros((1, 1, t.hidden_size), self.dtype)  # image_features for text-only steps
         self.image_ids = np.array(config.image_token_ids, np.int64)
-        self.decoder_kernels = "onnxruntime"  # or "edgelmm" (edgelmm.ort_ops), set by load
 
     @classmethod
     def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
@@ -148,9 +149,7 @@ class OnnxBackend:
                     "decoder": decoder}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)
-        backend = cls(config, sessions, device_type, limit)
-        backend.decoder_kernels = "edgelmm" if edgelmm_ops else "onnxruntime"
-        return backend
+        return cls(config, sessions, device_type, limit, "edgelmm" if edgelmm_ops else "onnxruntime")
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """pixels [1, 3, S, S] → image features [1, N, D] (numpy, the export's I/O dtype)."""

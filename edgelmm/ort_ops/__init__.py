@@ -54,7 +54,7 @@ def _compiler() -> str | None:
 
 
 def unavailable_reason() -> str | None:
-    """Why the custom op cannot be used here, or None when it can."""
+    """Why the ops cannot be used here, or None when they can."""
     if os.environ.get("EDGELMM_ORT_OPS", "1").lower() in ("0", "off", "false", "no"):
         return "turned off by EDGELMM_ORT_OPS"
     if sys.platform != "linux" or platform.machine() != "x86_64":

@@ -76,20 +76,39 @@ static inline __m512 lane_sums(const __m512 v[KEYS]) {
 
 typedef struct { float max, sum; } Softmax;
 
+/* The online-softmax update of one row by n (1 or 2) zmm of scores, the first `valid` of them live: the row's
+   max and sum move on, p gets e^(s - max) (0 where masked); returns alpha, the factor for what the row has
+   accumulated so far. */
+static inline __attribute__((always_inline)) float softmax_update(Softmax *st, const __m512 *s, const int n, int valid,
+                                                                  float *p) {
+    __m512 scores[2], top = _mm512_set1_ps(-INFINITY);
+    __mmask16 live[2];
+    for (int i = 0; i < n; i++) {
+        const int left = valid - 16 * i;
+        live[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        scores[i] = _mm512_mask_blend_ps(live[i], _mm512_set1_ps(-INFINITY), s[i]);
+        top = _mm512_max_ps(top, scores[i]);
+    }
+    const float m_new = fmaxf(st->max, _mm512_reduce_max_ps(top)), alpha = expf(st->max - m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const __m512 e = _mm512_maskz_mov_ps(live[i], exp512(_mm512_sub_ps(scores[i], _mm512_set1_ps(m_new))));
+        sum = _mm512_add_ps(sum, e);
+        _mm512_storeu_ps(p + 16 * i, e);
+    }
+    st->sum = st->sum * alpha + _mm512_reduce_add_ps(sum);
+    st->max = m_new;
+    return alpha;
+}
+
 /* One online-softmax step of a row: scores s (lanes past `valid` masked), then o = o * alpha + p . V block. */
 static inline __attribute__((always_inline)) void softmax_step(__m512 s, int valid, Softmax *st, float *o,
                                                                 const void *values, size_t v0, const int head_dim,
                                                                 const int half) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
-    const __mmask16 live = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
-    s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s);
-    const float m_new = fmaxf(st->max, _mm512_reduce_max_ps(s)), alpha = expf(st->max - m_new);
-    const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-    st->sum = st->sum * alpha + _mm512_reduce_add_ps(p);
-    st->max = m_new;
     float pv[KEYS];
-    _mm512_storeu_ps(pv, p);
+    const float alpha = softmax_update(st, &s, 1, valid, pv);
     __m512 acc[MAX_HEAD_DIM / 16];
     for (int v = 0; v < vecs; v++)
         acc[v] = _mm512_mul_ps(_mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, o + v * 16), _mm512_set1_ps(alpha));
@@ -199,18 +218,7 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
             memset(p[i], 0, sizeof p[i]);
             continue;
         }
-        const __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
-        const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
-        const __m512 s0 = _mm512_mask_blend_ps(m0, _mm512_set1_ps(-INFINITY), s[i][0]);
-        const __m512 s1 = _mm512_mask_blend_ps(m1, _mm512_set1_ps(-INFINITY), s[i][1]);
-        const float m_new = fmaxf(st[i].max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-        alpha[i] = expf(st[i].max - m_new);
-        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m_new))));
-        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, _mm512_set1_ps(m_new))));
-        st[i].sum = st[i].sum * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-        st[i].max = m_new;
-        _mm512_store_ps(p[i], p0);
-        _mm512_store_ps(p[i] + 16, p1);
+        alpha[i] = softmax_update(&st[i], s[i], 2, valid, p[i]);
     }
     __m512 acc[GROUP_ROWS][MAX_HEAD_DIM / 16];
     for (int i = 0; i < GROUP_ROWS; i++)
