@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig
 
 _NP = {"float32": np.float32, "float16": np.float16}
+_CACHE_TYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # the cache's graph input type: dtype
 
 
 def _ort():
@@ -62,13 +63,14 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
                     profile_prefix: str | None = None, edgelmm_ops: bool = False):
     """(the decoder's InferenceSession, whether edgelmm's kernels run in it). With ``edgelmm_ops`` (an fp32 CPU
     export where edgelmm.ort_ops applies) its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes
-    run on edgelmm's kernels instead of onnxruntime's, the KV cache in fp16 unless ``EDGELMM_ONNX_KV=float32``;
-    any failure to set that up falls back to onnxruntime's kernels with a note on stderr."""
+    run on edgelmm's kernels instead of onnxruntime's, the KV cache as ``EDGELMM_ONNX_KV`` says (fp16 by
+    default; ``ort_ops.kv_cache``); any failure to set that up falls back to onnxruntime's kernels with a note
+    on stderr."""
     ort = _ort()
     if edgelmm_ops and providers == ["CPUExecutionProvider"]:
-        opts = session_options(threads, profile_prefix)
+        opts, cache = session_options(threads, profile_prefix), ort_ops.kv_cache()
         try:
-            model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), ort_ops.half_cache())
+            model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), cache)
             if moved:
                 opts.register_custom_ops_library(str(ort_ops.library()))
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -86,11 +88,13 @@ class KVDecoder:
     def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu"):
         ort = _ort()
         self.session, self.max_seq_len, self.device_type = session, max_seq_len, device_type
-        shape = [1, text.num_kv_heads, max_seq_len, text.head_dim]
-        types = {i.name: i.type for i in session.get_inputs()}  # fp16 caches on edgelmm's attention op
+        types = {i.name: i.type for i in session.get_inputs()}  # fp16 or int8 caches on edgelmm's attention op
 
         def cache(name):
-            cache_dtype = np.float16 if types.get(name) == "tensor(float16)" else dtype
+            row, cache_dtype = text.head_dim, _CACHE_TYPES.get(types.get(name), dtype)
+            if cache_dtype == np.int8:  # each row's values, then its fp32 scale
+                row += ort_ops.INT8_ROW_SCALE_BYTES
+            shape = [1, text.num_kv_heads, max_seq_len, row]
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, cache_dtype, device_type, 0)
 
         self.kv = [(cache(PAST_KEY % i), cache(PAST_VALUE % i)) for i in range(text.num_layers)]

@@ -20,6 +20,8 @@ FILLER = ("The photograph was taken on a bright afternoon in a small harbour tow
           "stone quay, gulls circle above the masts, and a few people walk along the water with bags of bread and "
           "fruit from the market. Behind them, painted houses climb the hill towards an old church. ")
 
+_ORT_ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1}
+
 
 def image_ids(spec) -> set[int]:
     from .spec import IMAGE_PLACEHOLDER
@@ -111,16 +113,17 @@ class EdgeSession:
         if onnx:
             cfg = backend.config
             self.weight_bytes = onnx_decode_bytes(cfg.decoder)
-            kv_elem = 2 if backend.decoder.kv[0][0].data_type() == "tensor(float16)" else 4
+            cache = backend.decoder.kv[0][0]  # fp32, fp16, or int8 rows with their scale: [1, Hkv, L, row]
+            row_bytes = cache.shape()[-1] * _ORT_ELEMENT_BYTES[cache.data_type()]
             self.weights = f"onnx {cfg.quantization.get('bits', 16)}-bit" if cfg.quantization else "onnx fp"
             self.weights += " (edgelmm ops)" if backend.decoder_kernels == "edgelmm" else ""
         else:
             self.weight_bytes = torch_decode_bytes(backend.model.text)
-            kv_elem = backend.cache.data.element_size()
+            row_bytes = t.head_dim * backend.cache.data.element_size()
             gptq = json.loads((Path(job["model"]) / "config.json").read_text()).get("quantization_config") \
                 if Path(job["model"], "config.json").is_file() else None
             self.weights = (f"gptq {gptq['bits']}-bit g{gptq['group_size']}" if gptq else str(backend.dtype)[6:])
-        self.kv_bytes_per_position = 2 * t.num_layers * t.num_kv_heads * t.head_dim * kv_elem
+        self.kv_bytes_per_position = 2 * t.num_layers * t.num_kv_heads * row_bytes
 
     def run(self, new_tokens: int) -> dict:
         lm, backend = self.lm, self.lm.backend

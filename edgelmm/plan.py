@@ -247,7 +247,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     """Plan an ``edgelmm export --format onnx`` folder, torch-free: each graph's weights as written (onnxruntime
     repacks ``MatMulNBits`` weights into about their size and drops the file's copy; edgelmm's CPU ops read
     them as written), the KV cache for ``context`` positions (default: the export's context) in the export's
-    I/O dtype, or fp16 on edgelmm's CPU attention op, image features and activations."""
+    I/O dtype, or as ``EDGELMM_ONNX_KV`` says on edgelmm's CPU attention op, image features and activations."""
     from . import ort_ops
     from .onnx_config import OnnxConfig
 
@@ -255,13 +255,15 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     spec, text = cfg.spec, cfg.spec.text
     io_bytes = 4 if cfg.io_dtype == "float32" else 2
     cpu_ops = ort_ops.applies(cfg.target, cfg.io_dtype)
-    kv_bytes = 2 if cpu_ops and ort_ops.half_cache() else io_bytes
+    cache = ort_ops.kv_cache() if cpu_ops else cfg.io_dtype
+    row_bytes = {"float32": 4 * text.head_dim, "float16": 2 * text.head_dim,
+                 "int8": text.head_dim + ort_ops.INT8_ROW_SCALE_BYTES}[cache]
     context = min(context or cfg.context_length, cfg.context_length)
     plan = MemoryPlan(budget=budget)
     graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
     for part, graph in graphs:
         plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
-    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * text.head_dim * kv_bytes
+    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * row_bytes
     image_tokens = spec.vision.num_image_tokens
     plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
     settings = PlanSettings(context=context, dtype_bytes=io_bytes)
@@ -277,7 +279,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     plan.notes.update({
         "decoder graph": f"{q['bits']}-bit block {q['block_size']}" if q.get("bits", 16) < 16 else cfg.io_dtype,
         "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
-        "kv cache": f"{'float16' if kv_bytes == 2 else 'float32'}, {context} tokens",
+        "kv cache": f"{cache + (' + a scale per row' if cache == 'int8' else '')}, {context} tokens",
         "image features": f"{image_tokens} tokens",
         "activations": f"prefill of {prompt} tokens, x2 for the arena" + (
             f", incl. attention scores (+{2 * scores / max(prompt, 1) / 1e6:.2f} MB per longer prompt token)"

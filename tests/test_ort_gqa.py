@@ -1,7 +1,7 @@
-"""edgelmm's GroupQueryAttention ops (edgelmm/ort_ops/gqa_*.c; fp32 cache, and the fp16 cache the runtime
-uses) against onnxruntime's own com.microsoft GroupQueryAttention (fp32) on the same inputs: packed and separate
-q/k/v, fused partial rotary, grouped heads, a prompt, a chunk after a past, single-token steps, and the shared
-past/present buffer the runtime binds."""
+"""edgelmm's GroupQueryAttention ops (edgelmm/ort_ops/gqa_*.c; fp32 cache, the fp16 cache the runtime uses,
+and the int8 cache) against onnxruntime's own com.microsoft GroupQueryAttention (fp32) on the same inputs:
+packed and separate q/k/v, fused partial rotary, grouped heads, a prompt, a chunk after a past, single-token
+steps, and the shared past/present buffer the runtime binds."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,7 +14,31 @@ needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
                                reason=f"edgelmm's CPU ops are unavailable here: {ort_ops.unavailable_reason()}")
 
 
-def _model(domain, heads, kv_heads, head_dim, packed, rotary_half, half_cache=False, **attributes):
+CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+# (attention output, cache) errors, of the largest value: fp32 as onnxruntime (3e-6 measured); fp16 within its
+# rounding (1.1e-3); int8: the cache within half a step of each row's max/127 (3.9e-3), the output through
+# these test's peaked softmax (logits of std ~4) 2.4e-2 at most
+BOUNDS = {"float32": (2e-5, 2e-5), "float16": (3e-3, 3e-3), "int8": (3e-2, 0.5 / 127 * 1.01)}
+
+
+def _to_cache(x, cache):
+    """fp32 cache values [1, Hkv, P, D] in the op's format: int8 rows of D values quantized symmetrically to
+    max|row| / 127, then that scale's 4 bytes (quant-formats' int8 KV layout, by numpy)."""
+    if cache != "int8":
+        return x.astype(np.float16 if cache == "float16" else np.float32)
+    scale = np.abs(x).max(-1, keepdims=True).astype(np.float32) / 127
+    q = np.rint(x / np.where(scale == 0, 1, scale)).clip(-127, 127).astype(np.int8)
+    return np.concatenate([q, scale.view(np.int8)], -1)
+
+
+def _from_cache(a, cache):
+    """The fp32 values the op's cache holds."""
+    if cache != "int8":
+        return a.astype(np.float32)
+    return a[..., :-4].astype(np.float32) * np.ascontiguousarray(a[..., -4:]).view(np.float32)
+
+
+def _model(domain, heads, kv_heads, head_dim, packed, rotary_half, cache="float32", **attributes):
     width = (heads + 2 * kv_heads) * head_dim if packed else heads * head_dim
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs = [helper.make_tensor_value_info("query", f32, [1, "s", width])]
@@ -22,14 +46,15 @@ def _model(domain, heads, kv_heads, head_dim, packed, rotary_half, half_cache=Fa
     if not packed:
         inputs += [helper.make_tensor_value_info(n, f32, [1, "s", kv_heads * head_dim]) for n in ("key", "value")]
         names = ["query", "key", "value"]
-    cache_type = TensorProto.FLOAT16 if half_cache else f32
-    inputs += [helper.make_tensor_value_info(n, cache_type, [1, kv_heads, "p", head_dim]) for n in ("past_key", "past_value")]
+    cache_type, row = CACHE_TYPES[cache], head_dim + 4 if cache == "int8" else head_dim
+    inputs += [helper.make_tensor_value_info(n, cache_type, [1, kv_heads, "p", row]) for n in ("past_key", "past_value")]
     inputs += [helper.make_tensor_value_info("seqlens_k", i32, [1]), helper.make_tensor_value_info("total", i32, [])]
     names += ["past_key", "past_value", "seqlens_k", "total"]
     if rotary_half:
         inputs += [helper.make_tensor_value_info(n, f32, ["m", rotary_half]) for n in ("cos", "sin")]
         names += ["cos", "sin"]
-    op_type = "GroupQueryAttentionHalfCache" if half_cache else "GroupQueryAttention"
+    op_type = {"float32": "GroupQueryAttention", "float16": "GroupQueryAttentionHalfCache",
+               "int8": "GroupQueryAttentionInt8Cache"}[cache]
     node = helper.make_node(op_type, names, ["out", "present_key", "present_value"], domain=domain,
                             num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(bool(rotary_half)), **attributes)
     outputs = [helper.make_tensor_value_info("out", f32, None)]
@@ -41,8 +66,8 @@ def _model(domain, heads, kv_heads, head_dim, packed, rotary_half, half_cache=Fa
     return model
 
 
-def _session(domain, heads, kv_heads, head_dim, packed, rotary_half, half_cache=False):
-    model = _model(domain, heads, kv_heads, head_dim, packed, rotary_half, half_cache)
+def _session(domain, heads, kv_heads, head_dim, packed, rotary_half, cache="float32"):
+    model = _model(domain, heads, kv_heads, head_dim, packed, rotary_half, cache)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     if domain == ort_ops.DOMAIN:
@@ -79,32 +104,32 @@ CASES = [  # heads, kv heads, head dim, packed q|k|v, rotary_dim / 2 (0: none), 
 
 
 @needs_ops
-@pytest.mark.parametrize("half_cache", [False, True])
+@pytest.mark.parametrize("cache", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,packed,rotary_half,steps,past", CASES)
-def test_matches_onnxruntime_gqa(heads, kv_heads, head_dim, packed, rotary_half, steps, past, half_cache):
-    """fp32 cache: as onnxruntime to 2e-5; fp16 cache: within fp16 rounding of the cached values (1.1e-3 measured)."""
+def test_matches_onnxruntime_gqa(heads, kv_heads, head_dim, packed, rotary_half, steps, past, cache):
+    """fp32 cache: as onnxruntime to 2e-5; fp16 / int8 cache: within the rounding of the cached values."""
     rng = np.random.default_rng(heads * 100 + head_dim)
-    cache, feeds = _feeds(rng, heads, kv_heads, head_dim, packed, rotary_half, steps, past)
-    ours = _session(ort_ops.DOMAIN, heads, kv_heads, head_dim, packed, rotary_half, half_cache)
+    past_kv, feeds = _feeds(rng, heads, kv_heads, head_dim, packed, rotary_half, steps, past)
+    ours = _session(ort_ops.DOMAIN, heads, kv_heads, head_dim, packed, rotary_half, cache)
     theirs = _session("com.microsoft", heads, kv_heads, head_dim, packed, rotary_half)
-    cache_dtype = np.float16 if half_cache else np.float32
-    caches = {"ours": (cache[0].astype(cache_dtype), cache[1].astype(cache_dtype)), "theirs": (cache[0], cache[1])}
-    bound = 3e-3 if half_cache else 2e-5
+    caches = {"ours": (_to_cache(past_kv[0], cache), _to_cache(past_kv[1], cache)), "theirs": tuple(past_kv)}
     for feed in feeds:
         results = {}
         for name, session in (("ours", ours), ("theirs", theirs)):
             k, v = caches[name]
             results[name] = session.run(None, {**feed, "past_key": k, "past_value": v})
             caches[name] = results[name][1], results[name][2]
-        assert [a.dtype for a in results["ours"]] == [np.float32, cache_dtype, cache_dtype]
-        for a, b in zip(results["ours"], results["theirs"]):
+        assert [a.dtype for a in results["ours"]] == [np.float32] + 2 * [caches["ours"][0].dtype]
+        out, *present = results["ours"]
+        for a, b, bound in zip([out, *(_from_cache(p, cache) for p in present)], results["theirs"],
+                               [BOUNDS[cache][0], BOUNDS[cache][1], BOUNDS[cache][1]]):
             assert a.shape == b.shape
-            assert np.abs(a.astype(np.float32) - b).max() < bound * np.abs(b).max()
+            assert np.abs(a - b).max() < bound * np.abs(b).max()
 
 
 @needs_ops
-@pytest.mark.parametrize("half_cache", [False, True])
-def test_shared_buffer_is_written_in_place(half_cache):
+@pytest.mark.parametrize("cache", ["float32", "float16", "int8"])
+def test_shared_buffer_is_written_in_place(cache):
     """The runtime binds one preallocated buffer as past and present: the op appends in place and reads it."""
     heads, kv_heads, head_dim, half, buffer = 4, 2, 64, 16, 48
     rng = np.random.default_rng(7)
@@ -112,10 +137,9 @@ def test_shared_buffer_is_written_in_place(half_cache):
     outputs = {}
     for domain in (ort_ops.DOMAIN, "com.microsoft"):
         ours = domain == ort_ops.DOMAIN
-        session = _session(domain, heads, kv_heads, head_dim, True, half, half_cache and ours)
-        cache_dtype = np.float16 if half_cache and ours else np.float32
-        k, v = (ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, buffer, head_dim), cache_dtype))
-                for _ in range(2))
+        session = _session(domain, heads, kv_heads, head_dim, True, half, cache if ours else "float32")
+        k, v = (ort.OrtValue.ortvalue_from_numpy(_to_cache(np.zeros((1, kv_heads, buffer, head_dim), np.float32),
+                                                           cache if ours else "float32")) for _ in range(2))
         binding, outs = session.io_binding(), []
         binding.bind_ortvalue_input("past_key", k)
         binding.bind_ortvalue_input("past_value", v)
@@ -129,25 +153,31 @@ def test_shared_buffer_is_written_in_place(half_cache):
             session.run_with_iobinding(binding)
             outs.append(binding.copy_outputs_to_cpu()[0])
         total = sum(f["query"].shape[1] for f in feeds)
-        outputs[domain] = [*outs, k.numpy()[:, :, :total].astype(np.float32), v.numpy()[:, :, :total].astype(np.float32)]
-    bound = 3e-3 if half_cache else 2e-5
+        outputs[domain] = [*outs, *(_from_cache(c.numpy()[:, :, :total], cache if ours else "float32") for c in (k, v))]
     for a, b in zip(outputs[ort_ops.DOMAIN], outputs["com.microsoft"]):
-        assert np.abs(a - b).max() < bound * np.abs(b).max()
+        assert np.abs(a - b).max() < BOUNDS[cache][0] * np.abs(b).max()
 
 
 def test_rewrite_moves_plain_attention_and_retypes_its_cache():
     """GroupQueryAttention without the features the op lacks moves (an explicit default -1 window included),
     its past/present become float16 with the fp16-cache op; softcap keeps a node with onnxruntime."""
     model = _model("com.microsoft", 4, 2, 64, True, 16, local_window_size=-1)
-    rewritten, moved = ort_ops.rewrite_model(model.SerializeToString(), half_cache=True)
+    rewritten, moved = ort_ops.rewrite_model(model.SerializeToString(), "float16")
     parsed = onnx.load_from_string(rewritten)
     assert moved == 1 and parsed.graph.node[0].op_type == "GroupQueryAttentionHalfCache"
     assert parsed.graph.node[0].domain == ort_ops.DOMAIN
     types = {v.name: v.type.tensor_type.elem_type for v in [*parsed.graph.input, *parsed.graph.output]}
     assert {n for n, t in types.items() if t == TensorProto.FLOAT16} == {"past_key", "past_value", "present_key",
                                                                          "present_value"}
-    fp32, moved = ort_ops.rewrite_model(model.SerializeToString(), half_cache=False)
+    fp32, moved = ort_ops.rewrite_model(model.SerializeToString(), "float32")
     assert moved == 1 and onnx.load_from_string(fp32).graph.node[0].op_type == "GroupQueryAttention"
     assert onnx.load_from_string(fp32).graph.input == model.graph.input
     softcap = _model("com.microsoft", 4, 2, 64, True, 16, softcap=30.0)
     assert ort_ops.rewrite_model(softcap.SerializeToString())[1] == 0
+    int8, moved = ort_ops.rewrite_model(model.SerializeToString(), "int8")
+    parsed = onnx.load_from_string(int8)
+    assert moved == 1 and parsed.graph.node[0].op_type == "GroupQueryAttentionInt8Cache"
+    for value in [*parsed.graph.input, *parsed.graph.output]:
+        if value.name.startswith(("past", "present")):  # int8 rows of values + scale: a symbolic last dim
+            assert value.type.tensor_type.elem_type == TensorProto.INT8
+            assert value.name.startswith("present") or value.type.tensor_type.shape.dim[-1].dim_param == "cache_row"

@@ -1,4 +1,4 @@
-"""edgelmm's onnxruntime int4 matmul op (edgelmm/ort_ops) against onnxruntime's own MatMulNBits (accuracy
+"""edgelmm's onnxruntime 4/8-bit matmul op (edgelmm/ort_ops) against onnxruntime's own MatMulNBits (accuracy
 level 4, the same int8-activation numerics) and the dequantization formula; the graph rewrite; exported
 decoders on the op against onnxruntime's kernel; and the fallbacks."""
 import numpy as np
@@ -10,27 +10,36 @@ from reference import sample_image
 
 from edgelmm import EdgeLMM, ort_ops
 from edgelmm.backend_onnx import decoder_session
+from edgelmm.errors import ConfigError
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_export import export_onnx
+from edgelmm.plan import plan_onnx_export
 
 needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
                                reason=f"edgelmm's CPU ops are unavailable here: {ort_ops.unavailable_reason()}")
 
 
-def _weights(rng, n, k, block, zero_points):
-    """Random MatMulNBits weights and their dequantized fp64 matrix W [N, K] (quant-formats.md §3.1)."""
-    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)
+def _weights(rng, n, k, block, zero_points, bits=4):
+    """Random MatMulNBits weights and their dequantized fp64 matrix W [N, K] (quant-formats.md §3.1): 4-bit
+    codes two per byte (low nibble first), zero points packed the same way per row, default 8; 8-bit one byte
+    each, default 128."""
+    levels = 1 << bits
+    codes = rng.integers(0, levels, (n, k), dtype=np.uint8)
     scales = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
-    zeros = rng.integers(0, 16, (n, k // block), dtype=np.uint8) if zero_points else np.full((n, k // block), 8)
+    zeros = (rng.integers(0, levels, (n, k // block), dtype=np.uint8) if zero_points
+             else np.full((n, k // block), levels // 2))
+    w = (codes - np.repeat(zeros, block, 1).astype(np.float64)) * np.repeat(scales, block, 1)
+    if bits == 8:
+        return codes.reshape(n, k // block, block), scales, zeros.reshape(-1) if zero_points else None, w
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // block, block // 2)
     padded = np.zeros((n, -(-zeros.shape[1] // 2) * 2), np.uint8)
     padded[:, :zeros.shape[1]] = zeros
     zp = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1) if zero_points else None
-    w = (codes - np.repeat(zeros, block, 1).astype(np.float64)) * np.repeat(scales, block, 1)
     return packed, scales, zp, w
 
 
-def _node_model(domain, x_shape, n, k, block, packed, scales, zp, bias, level=4, g_idx=False) -> onnx.ModelProto:
+def _node_model(domain, x_shape, n, k, block, packed, scales, zp, bias, level=4, g_idx=False,
+                bits=4) -> onnx.ModelProto:
     inputs = ["x", "b", "s", "z" if zp is not None else "", "g" if g_idx else "", "bias" if bias is not None else ""]
     while not inputs[-1]:
         inputs.pop()
@@ -38,7 +47,7 @@ def _node_model(domain, x_shape, n, k, block, packed, scales, zp, bias, level=4,
     inits += [numpy_helper.from_array(zp, "z")] if zp is not None else []
     inits += [numpy_helper.from_array(bias, "bias")] if bias is not None else []
     inits += [numpy_helper.from_array(np.arange(k, dtype=np.int32) // block, "g")] if g_idx else []
-    node = helper.make_node("MatMulNBits", inputs, ["y"], domain=domain, K=k, N=n, bits=4, block_size=block,
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=level)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -59,22 +68,27 @@ def _run(model: bytes, x, custom: bool):
 
 # rows (1 = the GEMV), K, N, block, zero points, bias: K below / not a multiple of the 128-k GEMV chunk, column
 # counts that leave partial 16-column panels and 64-column tiles, row counts that are not multiples of 3
-# K above the GEMM's 4096-deep panels, N wide enough for 8 column tasks, an odd number of blocks with zero points
+# K above the GEMM's 4096-deep panels, N wide enough for 8 column tasks, an odd number of blocks with zero points;
+# 8-bit (the LM head's default): K not a multiple of its 64-k GEMV chunk, blocks 16..256, K above its 2048-deep
+# panels, with and without zero points
 @needs_ops
-@pytest.mark.parametrize("rows,k,n,block,zero_points,bias", [
-    (1, 64, 48, 32, False, False), (1, 384, 130, 64, True, False), (1, 2560, 300, 128, False, True),
-    (1, 256, 40, 16, True, True), (1, 512, 20, 256, False, False), (5, 512, 100, 32, True, True),
-    (67, 640, 200, 128, False, True), (130, 1152, 96, 64, True, False), (2, 192, 17, 16, False, False),
-    (5, 5120, 300, 128, False, True), (3, 96, 260, 32, True, True), (1, 96, 40, 32, True, False)])
-def test_matches_onnxruntime_matmulnbits(rows, k, n, block, zero_points, bias):
+@pytest.mark.parametrize("bits,rows,k,n,block,zero_points,bias", [
+    (4, 1, 64, 48, 32, False, False), (4, 1, 384, 130, 64, True, False), (4, 1, 2560, 300, 128, False, True),
+    (4, 1, 256, 40, 16, True, True), (4, 1, 512, 20, 256, False, False), (4, 5, 512, 100, 32, True, True),
+    (4, 67, 640, 200, 128, False, True), (4, 130, 1152, 96, 64, True, False), (4, 2, 192, 17, 16, False, False),
+    (4, 5, 5120, 300, 128, False, True), (4, 3, 96, 260, 32, True, True), (4, 1, 96, 40, 32, True, False),
+    (8, 1, 2560, 300, 128, False, True), (8, 1, 80, 40, 16, True, False), (8, 1, 96, 33, 32, False, False),
+    (8, 1, 512, 64, 256, True, True), (8, 7, 640, 130, 64, True, True), (8, 67, 2560, 200, 128, False, False),
+    (8, 4, 4352, 80, 128, True, False), (8, 2, 96, 17, 32, False, True)])
+def test_matches_onnxruntime_matmulnbits(bits, rows, k, n, block, zero_points, bias):
     rng = np.random.default_rng(rows * 1000 + k + n)
-    packed, scales, zp, w = _weights(rng, n, k, block, zero_points)
+    packed, scales, zp, w = _weights(rng, n, k, block, zero_points, bits)
     b = rng.standard_normal(n).astype(np.float32) if bias is not None and bias else None
     x = rng.standard_normal((1, rows, k)).astype(np.float32)
     x[0, :, 3] *= 20  # an outlier channel: per-block activation scales must stay per block
-    ours = _run(_node_model(ort_ops.DOMAIN, ["a", "m", k], n, k, block, packed, scales, zp, b)
+    ours = _run(_node_model(ort_ops.DOMAIN, ["a", "m", k], n, k, block, packed, scales, zp, b, bits=bits)
                 .SerializeToString(), x, custom=True)
-    theirs = _run(_node_model("com.microsoft", ["a", "m", k], n, k, block, packed, scales, zp, b)
+    theirs = _run(_node_model("com.microsoft", ["a", "m", k], n, k, block, packed, scales, zp, b, bits=bits)
                   .SerializeToString(), x, custom=False)
     exact = x[0].astype(np.float64) @ w.T + (b if b is not None else 0)
     assert ours.shape == theirs.shape == (1, rows, n)
@@ -84,7 +98,8 @@ def test_matches_onnxruntime_matmulnbits(rows, k, n, block, zero_points, bias):
 
 
 def test_rewrite_moves_only_eligible_nodes():
-    """4-bit, accuracy level 4, block dividing K, no g_idx: moved; the rest of the model byte-for-byte kept."""
+    """4- or 8-bit, accuracy level 4, block dividing K, no g_idx: moved; the rest of the model byte-for-byte
+    kept."""
     rng = np.random.default_rng(0)
     packed, scales, _, _ = _weights(rng, 32, 128, 32, False)
     variants = {"eligible": {}, "fp32 compute": {"level": 0}, "g_idx": {"g_idx": True}}
@@ -99,37 +114,47 @@ def test_rewrite_moves_only_eligible_nodes():
             parsed.graph.node[0].domain = "com.microsoft"
             del parsed.opset_import[-1]
         assert parsed == model
-    eight_bit = _node_model("com.microsoft", [1, 128], 32, 128, 32, packed, scales, None, None)
-    next(a for a in eight_bit.graph.node[0].attribute if a.name == "bits").i = 8
-    assert ort_ops.rewrite_model(eight_bit.SerializeToString())[1] == 0
+    for bits, moved in ((8, 1), (2, 0)):
+        other = _node_model("com.microsoft", [1, 128], 32, 128, 32, packed, scales, None, None)
+        next(a for a in other.graph.node[0].attribute if a.name == "bits").i = bits
+        assert ort_ops.rewrite_model(other.SerializeToString())[1] == moved
 
 
 @needs_ops
 @pytest.mark.parametrize("llm", ["phi", "llama", "gemma", "qwen2"])
 def test_exported_decoder_on_the_op_matches_onnxruntime(tiny_checkpoint, tmp_path, monkeypatch, llm):
-    """A 4-bit export (CPU default: accuracy level 4) prefilled on edgelmm's op and on onnxruntime's kernel
-    (833 tokens: 729 image tokens + text): the same next token, and the logits far closer to each other than
-    to the mirrored image's. Not bit-equal: float sums in another order flip a few int8 roundings of the
-    activations, which both kernels quantize per row and block (1e-3 .. 1e-2 after two tiny layers)."""
+    """A 4-bit export (CPU default: accuracy level 4) prefilled on edgelmm's ops (fp16 and int8 KV cache) and on
+    onnxruntime's kernels (833 tokens: 729 image tokens + text): the same next token, and the logits far closer
+    to each other than to the mirrored image's. Not bit-equal: float sums in another order flip a few int8
+    roundings of the activations, which both kernels quantize per row and block (1e-3 .. 1e-2 after two tiny
+    layers), and the caches round keys and values."""
     out = export_onnx(tiny_checkpoint("tinyllava", "old", llm), tmp_path / "onnx",
                       QuantSettings(bits=4, group_size=32, method="rtn"), progress=False)
     assert ort_ops.rewrite_model((out / "decoder.onnx").read_bytes())[1] > 0
     image = sample_image()
     logits = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv("EDGELMM_ORT_OPS", setting)
+    for ops, cache in (("1", "float16"), ("1", "int8"), ("0", "float32")):
+        monkeypatch.setenv("EDGELMM_ORT_OPS", ops)
+        monkeypatch.setenv("EDGELMM_ONNX_KV", cache)
         model = EdgeLMM.load(out)
         cache_types = {i.type for i in model.backend.decoder.session.get_inputs() if i.name.startswith("past")}
-        assert cache_types == {"tensor(float16)" if setting == "1" else "tensor(float)"}  # which kernels ran
-        assert model.backend.decoder_kernels == ("edgelmm" if setting == "1" else "onnxruntime")
+        assert cache_types == {f"tensor({'float' if cache == 'float32' else cache})"}  # which kernels ran
+        assert model.backend.decoder_kernels == ("edgelmm" if ops == "1" else "onnxruntime")
         _, ids = model.prompt_ids("What is in the picture?")
-        logits[setting] = [model.backend.prefill(ids, model.backend.encode_image(model.pixels(img)))
-                           for img in (image, image.transpose(0))]  # PIL FLIP_LEFT_RIGHT
-    (ours, ours_mirrored), (theirs, theirs_mirrored) = logits["1"], logits["0"]
-    gap, image_effect = np.linalg.norm(ours - theirs), np.linalg.norm(theirs_mirrored - theirs)
-    assert gap < 0.03 * np.linalg.norm(theirs) and gap < 0.2 * image_effect
-    assert np.linalg.norm(ours_mirrored - theirs_mirrored) < 0.2 * image_effect
-    assert ours.argmax() == theirs.argmax() and ours_mirrored.argmax() == theirs_mirrored.argmax()
+        logits[cache] = [model.backend.prefill(ids, model.backend.encode_image(model.pixels(img)))
+                         for img in (image, image.transpose(0))]  # PIL FLIP_LEFT_RIGHT
+    theirs, theirs_mirrored = logits["float32"]
+    image_effect = np.linalg.norm(theirs_mirrored - theirs)
+    # measured gaps (of the logits' norm / of the image's effect): fp16 cache 1.0-1.4% / 1.6-2.3%, int8
+    # cache 2.1-3.4% / 2.3-4.7%; an int8 cache may flip near-tied tokens (Gemma's mirrored image), so its
+    # check is the gap on both images
+    for cache, of_norm in (("float16", 0.03), ("int8", 0.05)):
+        ours, ours_mirrored = logits[cache]
+        gap = np.linalg.norm(ours - theirs)
+        assert gap < of_norm * np.linalg.norm(theirs) and gap < 0.1 * image_effect, cache
+        assert np.linalg.norm(ours_mirrored - theirs_mirrored) < 0.1 * image_effect, cache
+        assert ours.argmax() == theirs.argmax(), cache
+        assert cache == "int8" or ours_mirrored.argmax() == theirs_mirrored.argmax()
 
 
 def test_off_switch_and_build_failure_fall_back(tmp_path, monkeypatch, capsys):
@@ -152,3 +177,25 @@ def test_off_switch_and_build_failure_fall_back(tmp_path, monkeypatch, capsys):
         assert np.abs(session.run(None, {"x": x})[0][0] - x[0] @ w.T).max() < 3e-2 * np.abs(x[0] @ w.T).max()
     finally:
         ort_ops._build.cache_clear()
+
+
+@needs_ops
+def test_plan_counts_the_cache_the_runtime_allocates(tiny_checkpoint, tmp_path, monkeypatch):
+    """``EDGELMM_ONNX_KV`` picks the cache of edgelmm's attention op; the memory plan counts what the loaded
+    runtime really allocates for it (int8 rows carry their scale), and an unknown dtype is a ConfigError."""
+    out = export_onnx(tiny_checkpoint("tinyllava", "old", "phi"), tmp_path / "onnx",
+                      QuantSettings(bits=4, group_size=32, method="rtn"), progress=False)
+    sizes = {}
+    for cache in ("float32", "float16", "int8"):
+        monkeypatch.setenv("EDGELMM_ONNX_KV", cache)
+        model = EdgeLMM.load(out, context_length=96)
+        allocated = sum(np.prod(v.shape()) * {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1}[v.data_type()]
+                        for pair in model.backend.decoder.kv for v in pair)
+        assert plan_onnx_export(out, context=96).parts["kv cache"] == allocated, cache
+        sizes[cache] = allocated
+    text = model.spec.text
+    assert sizes["int8"] == 2 * text.num_layers * text.num_kv_heads * 96 * (text.head_dim + 4)
+    assert sizes["float32"] == 2 * sizes["float16"]
+    monkeypatch.setenv("EDGELMM_ONNX_KV", "int4")
+    with pytest.raises(ConfigError, match="EDGELMM_ONNX_KV"):
+        EdgeLMM.load(out)

@@ -1,18 +1,21 @@
-"""edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4-bit, int8 compute) on an
-AVX512-VNNI int4 x int8 GEMM/GEMV, and ``GroupQueryAttention`` as causal block attention over an fp16 (or fp32)
+"""edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4- and 8-bit, int8 compute) on an
+AVX512-VNNI int4/int8 x int8 GEMM/GEMV, and ``GroupQueryAttention`` as causal block attention over an fp16 (or fp32)
 KV cache.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
-length; q4_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
+length; nbits_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
 feeding ``vpdpbusd`` straight from them (the GEMV for one token streams each column once). It reads the
-exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy, and it quantizes
+exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy (for the 8-bit LM head,
+131 MB on Phi-2, that copy was onnxruntime's largest allocation besides the cache), and it quantizes
 activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~2e-7.
 gqa_kernels.c never computes the masked half of a prompt's attention and, with the fp16 cache, reads half the
 bytes per decode step.
 
 The library is compiled once, on first use, with the system C compiler into ``cache_root()/ort_ops`` and
 used only for fp32 CPU exports on x86-64 Linux CPUs with AVX512-VNNI; ``EDGELMM_ORT_OPS=0`` turns it off,
-``EDGELMM_ONNX_KV=float32`` keeps the cache fp32. Without it the decoder runs onnxruntime's own kernels.
+``EDGELMM_ONNX_KV`` picks the cache: ``float16`` (default), ``float32`` (the export's), or ``int8`` (each
+cached row quantized with its own scale: half the fp16 cache's memory, logits within ~1e-2). Without the ops the
+decoder runs onnxruntime's own kernels with the export's fp32 cache.
 """
 from __future__ import annotations
 
@@ -26,16 +29,18 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..paths import cache_root
-from .rewrite import DOMAIN, rewrite_model
+from .rewrite import CACHE_OPS, DOMAIN, INT8_ROW_SCALE_BYTES, rewrite_model
 
-SOURCES = ("q4_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
+SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
 HEADERS = ("ort_api.h", "kernels.h")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mfma", "-mf16c")
 
-__all__ = ["DOMAIN", "applies", "half_cache", "library", "rewrite_model", "unavailable_reason"]
+__all__ = ["DOMAIN", "INT8_ROW_SCALE_BYTES", "applies", "kv_cache", "library", "rewrite_model", "unavailable_reason"]
+_KV_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "i8": "int8"}
 
 
 def _cpu_flags() -> set[str]:
@@ -67,10 +72,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def half_cache() -> bool:
-    """Whether the attention op keeps the KV cache in fp16 (the default; ``EDGELMM_ONNX_KV=float32`` or ``fp32``
-    keeps the export's fp32)."""
-    return os.environ.get("EDGELMM_ONNX_KV", "float16").lower() not in ("float32", "fp32")
+def kv_cache() -> str:
+    """The KV cache dtype of the attention op, ``EDGELMM_ONNX_KV``: "float16" (default), "float32" or "int8"."""
+    value = os.environ.get("EDGELMM_ONNX_KV", "float16").strip().lower()
+    value = _KV_ALIASES.get(value, value)
+    if value not in CACHE_OPS:
+        raise ConfigError(f"EDGELMM_ONNX_KV must be float16, float32 or int8, got {value!r}")
+    return value
 
 
 def applies(target: str, io_dtype: str) -> bool:

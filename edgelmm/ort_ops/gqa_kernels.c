@@ -1,5 +1,6 @@
-/* Causal attention over a KV cache for one sequence (batch 1), fp32 compute over an fp32 or fp16 cache,
-   AVX-512: the compute behind edgelmm.GroupQueryAttention (gqa_op.c). Rotary (rotate-half on the first rotary_dim dims) is applied to the
+/* Causal attention over a KV cache for one sequence (batch 1), fp32 compute over an fp32, fp16 or int8 cache
+   (cache_row_bytes: int8 rows carry their fp32 scale after the values), AVX-512: the compute behind
+   edgelmm.GroupQueryAttention (gqa_op.c). Rotary (rotate-half on the first rotary_dim dims) is applied to the
    new queries and keys; the new keys/values are written into the cache at their positions; each query row
    attends to positions 0..its own, online-softmax over key blocks, so the masked upper triangle is never
    computed. */
@@ -28,23 +29,49 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* 16 cache values at element i (fp16 when `half`), lanes outside m zero. */
-static inline __m512 load16(const void *cache, size_t i, __mmask16 m, const int half) {
-    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)cache + i))
-                : _mm512_maskz_loadu_ps(m, (const float *)cache + i);
+/* Bytes per cached row of head_dim values: fp32, fp16, or int8 then the row's fp32 scale. */
+size_t cache_row_bytes(int head_dim, int format) {
+    return format == CACHE_FP32 ? 4 * (size_t)head_dim : format == CACHE_FP16 ? 2 * (size_t)head_dim
+                                                                               : (size_t)head_dim + 4;
 }
 
-/* row [n] stored into the cache at element i (rounded to fp16 when `half`). */
-void gqa_store_row(void *cache, size_t i, const float *row, int n, int half) {
-    if (!half) {
-        memcpy((float *)cache + i, row, sizeof(float) * n);
+/* Values d..d+15 of cache row `row` as fp32, lanes outside m zero. */
+static inline __m512 load16(const void *cache, size_t row, int d, __mmask16 m, const int head_dim, const int format) {
+    const char *r = (const char *)cache + row * cache_row_bytes(head_dim, format);
+    if (format == CACHE_FP32) return _mm512_maskz_loadu_ps(m, (const float *)r + d);
+    if (format == CACHE_FP16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)r + d));
+    float scale;
+    memcpy(&scale, r + head_dim, sizeof scale);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r + d))), _mm512_set1_ps(scale));
+}
+
+/* x [n] stored as cache row `row`: fp32 as is, fp16 rounded (saturating: no inf in the cache), int8 symmetric
+   with the row's scale max|x| / 127 after the values. */
+void gqa_store_row(void *cache, size_t row, const float *x, int n, int format) {
+    char *r = (char *)cache + row * cache_row_bytes(n, format);
+    if (format == CACHE_FP32) {
+        memcpy(r, x, sizeof(float) * n);
         return;
     }
+    float amax = 0.f;
+    if (format == CACHE_INT8) {
+        __m512 mx = _mm512_setzero_ps();
+        for (int d = 0; d < n; d += 16)
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1), x + d)));
+        amax = _mm512_reduce_max_ps(mx);
+        const float scale = amax / 127.f;
+        memcpy(r + n, &scale, sizeof scale);
+    }
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     for (int d = 0; d < n; d += 16) {
         const __mmask16 m = n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1);
-        const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(m, row + d), _mm512_set1_ps(-65504.f)),
-                                       _mm512_set1_ps(65504.f));  /* saturate: no inf in the cache */
-        _mm256_mask_storeu_epi16((uint16_t *)cache + i + d, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + d);
+        if (format == CACHE_INT8) {
+            _mm_mask_storeu_epi8(r + d, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+        } else {
+            const __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-65504.f)), _mm512_set1_ps(65504.f));
+            _mm256_mask_storeu_epi16((uint16_t *)r + d, m, _mm512_cvtps_ph(c, _MM_FROUND_TO_NEAREST_INT));
+        }
     }
 }
 
@@ -103,8 +130,8 @@ static inline __attribute__((always_inline)) float softmax_update(Softmax *st, c
 
 /* One online-softmax step of a row: scores s (lanes past `valid` masked), then o = o * alpha + p . V block. */
 static inline __attribute__((always_inline)) void softmax_step(__m512 s, int valid, Softmax *st, float *o,
-                                                                const void *values, size_t v0, const int head_dim,
-                                                                const int half) {
+                                                                const void *values, size_t row0, const int head_dim,
+                                                                const int format) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     float pv[KEYS];
@@ -115,15 +142,15 @@ static inline __attribute__((always_inline)) void softmax_step(__m512 s, int val
     for (int t = 0; t < valid; t++) {
         const __m512 pt = _mm512_set1_ps(pv[t]);
         for (int v = 0; v < vecs; v++)
-            acc[v] = _mm512_fmadd_ps(pt, load16(values, v0 + (size_t)t * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail,
-                                                half), acc[v]);
+            acc[v] = _mm512_fmadd_ps(pt, load16(values, row0 + t, v * 16, v + 1 < vecs ? 0xFFFF : tail, head_dim,
+                                                format), acc[v]);
     }
     for (int v = 0; v < vecs; v++) _mm512_mask_storeu_ps(o + v * 16, v + 1 < vecs ? 0xFFFF : tail, acc[v]);
 }
 
 /* One query row at position pos (a decode step): scores of 16 keys at a time as 16 dot products. */
 static inline __attribute__((always_inline)) void attend_one(int pos, const int head_dim, const float *q, const void *keys,
-                                                              const void *values, float *out, const int half) {
+                                                              const void *values, float *out, const int format) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     __m512 qv[MAX_HEAD_DIM / 16], dots[KEYS];
@@ -137,11 +164,11 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
             __m512 d = _mm512_setzero_ps();
             if (t < nk)
                 for (int v = 0; v < vecs; v++)
-                    d = _mm512_fmadd_ps(qv[v], load16(keys, (size_t)(j0 + t) * head_dim + v * 16,
-                                                      v + 1 < vecs ? 0xFFFF : tail, half), d);
+                    d = _mm512_fmadd_ps(qv[v], load16(keys, (size_t)(j0 + t), v * 16, v + 1 < vecs ? 0xFFFF : tail,
+                                                      head_dim, format), d);
             dots[t] = d;
         }
-        softmax_step(lane_sums(dots), nk, &st, o, values, (size_t)j0 * head_dim, head_dim, half);
+        softmax_step(lane_sums(dots), nk, &st, o, values, (size_t)j0, head_dim, format);
     }
     const float inv = 1.f / st.sum;
     for (int d = 0; d < head_dim; d++) out[d] = o[d] * inv;
@@ -175,16 +202,16 @@ static inline void transpose16(__m512 r[16]) {
 #define BLOCK_KEYS 32   /* keys per prefill step: two zmm of scores per row */
 #define GROUP_ROWS 4    /* rows computed together: 8 score and 4 x head_dim/16 output accumulators */
 
-/* kt [head_dim][BLOCK_KEYS] <- the nk keys at cache element `at` (rows of head_dim), zero past nk. */
-static inline __attribute__((always_inline)) void transpose_keys(const void *keys, size_t at, int nk,
-                                                                 const int head_dim, const int half, float *kt) {
+/* kt [head_dim][BLOCK_KEYS] <- the nk keys from cache row `row0`, zero past nk. */
+static inline __attribute__((always_inline)) void transpose_keys(const void *keys, size_t row0, int nk,
+                                                                 const int head_dim, const int format, float *kt) {
     const int vecs = (head_dim + 15) / 16;
     for (int h = 0; h < BLOCK_KEYS / 16; h++)
         for (int v = 0; v < vecs; v++) {
             const __mmask16 m = v + 1 < vecs || head_dim % 16 == 0 ? 0xFFFF : (__mmask16)((1u << (head_dim % 16)) - 1);
             __m512 r[16];
             for (int t = 0; t < 16; t++)
-                r[t] = 16 * h + t < nk ? load16(keys, at + (size_t)(16 * h + t) * head_dim + v * 16, m, half)
+                r[t] = 16 * h + t < nk ? load16(keys, row0 + 16 * h + t, v * 16, m, head_dim, format)
                                        : _mm512_setzero_ps();
             transpose16(r);  /* r[i] = dim 16v+i of the 16 keys */
             for (int i = 0; i < 16 && 16 * v + i < head_dim; i++)
@@ -196,7 +223,7 @@ static inline __attribute__((always_inline)) void transpose_keys(const void *key
    scores, the online-softmax update of each row, and o = o * alpha + p . V. Rows past `live` are padding. */
 static inline __attribute__((always_inline)) void prefill_group(int live, int first_pos, int j0, int nk, const int head_dim,
                                                                  const float *q, const float *kt, const void *values,
-                                                                 Softmax *st, float *o, const int half) {
+                                                                 Softmax *st, float *o, const int format) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
     __m512 s[GROUP_ROWS][2];
@@ -227,7 +254,7 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
                                                  _mm512_set1_ps(alpha[i])) : _mm512_setzero_ps();
     for (int t = 0; t < nk; t++) {
         for (int v = 0; v < vecs; v++) {
-            const __m512 x = load16(values, ((size_t)j0 + t) * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail, half);
+            const __m512 x = load16(values, (size_t)j0 + t, v * 16, v + 1 < vecs ? 0xFFFF : tail, head_dim, format);
             for (int i = 0; i < GROUP_ROWS; i++) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][t]), x, acc[i][v]);
         }
     }
@@ -238,9 +265,9 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
 
 static inline __attribute__((always_inline)) void attend(int rows, int first_pos, const int head_dim, const float *q,
                                                          const void *keys, const void *values, float *out, int ldo,
-                                                         const int half) {
+                                                         const int format) {
     if (rows == 1) {
-        attend_one(first_pos, head_dim, q, keys, values, out, half);
+        attend_one(first_pos, head_dim, q, keys, values, out, format);
         return;
     }
     static __thread float kt[MAX_HEAD_DIM * BLOCK_KEYS] __attribute__((aligned(64)));  /* [d][key] */
@@ -252,12 +279,12 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
         memset(o_buf, 0, sizeof(float) * nr * head_dim);
         for (int j0 = 0; j0 <= last_pos; j0 += BLOCK_KEYS) {
             const int nk = last_pos + 1 - j0 < BLOCK_KEYS ? last_pos + 1 - j0 : BLOCK_KEYS;
-            transpose_keys(keys, (size_t)j0 * head_dim, nk, head_dim, half, kt);
+            transpose_keys(keys, (size_t)j0, nk, head_dim, format, kt);
             for (int g = 0; g < nr; g += GROUP_ROWS) {
                 const int live = nr - g < GROUP_ROWS ? nr - g : GROUP_ROWS, first = first_pos + r0 + g;
                 if (j0 <= first + live - 1)  /* causal: some row of the group sees these keys */
                     prefill_group(live, first, j0, nk, head_dim, q + (size_t)(r0 + g) * head_dim, kt, values, st + g,
-                                  o_buf + (size_t)g * head_dim, half);
+                                  o_buf + (size_t)g * head_dim, format);
             }
         }
         for (int r = 0; r < nr; r++) {
@@ -268,12 +295,13 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
 }
 
 /* Attention of `rows` query rows (already rotated and scaled, [rows][head_dim]) at positions first_pos..,
-   over the cache's keys/values [positions][head_dim] (fp16 when `half`; rows 0..first_pos+rows-1); out: rows
-   of stride ldo. Common head sizes get a kernel with the size fixed, so the accumulators stay in registers. */
+   over the cache's key/value rows (of `format`; rows 0..first_pos+rows-1); out: rows of stride ldo. Common
+   head sizes get a kernel with the size fixed, so the accumulators stay in registers. */
 void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
-                float *out, int ldo, int half) {
-#define ATTEND(D) (half ? attend(rows, first_pos, D, q, keys, values, out, ldo, 1) \
-                        : attend(rows, first_pos, D, q, keys, values, out, ldo, 0))
+                float *out, int ldo, int format) {
+#define ATTEND(D) (format == CACHE_FP16 ? attend(rows, first_pos, D, q, keys, values, out, ldo, CACHE_FP16) \
+                   : format == CACHE_INT8 ? attend(rows, first_pos, D, q, keys, values, out, ldo, CACHE_INT8) \
+                                          : attend(rows, first_pos, D, q, keys, values, out, ldo, CACHE_FP32))
     switch (head_dim) {
     case 64: ATTEND(64); break;
     case 80: ATTEND(80); break;

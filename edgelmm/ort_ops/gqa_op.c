@@ -1,8 +1,11 @@
 /* edgelmm.GroupQueryAttention: com.microsoft GroupQueryAttention for one sequence on CPU (fp32), on
-   gqa_kernels.c; edgelmm.GroupQueryAttentionHalfCache: the same over an fp16 cache (past/present fp16). Inputs as the original: query [1, S, Hq*D] (or packed q|k|v when key/value are absent),
-   key, value [1, S, Hkv*D], past_key/past_value [1, Hkv, P, D] (P may be the whole preallocated buffer,
-   bound as present too: the new rows are written in place), seqlens_k [1] (total - 1), total_sequence_length,
-   cos/sin caches [max_pos, rotary_dim/2] when do_rotary. */
+   gqa_kernels.c; edgelmm.GroupQueryAttentionHalfCache: the same over an fp16 cache (past/present fp16);
+   edgelmm.GroupQueryAttentionInt8Cache: over an int8 cache, past/present int8 [1, Hkv, P, D + 4], each row's
+   D values quantized symmetrically with its fp32 scale in the last 4 bytes. Inputs as the original: query
+   [1, S, Hq*D] (or packed q|k|v when key/value are absent), key, value [1, S, Hkv*D], past_key/past_value
+   [1, Hkv, P, D] (P may be the whole preallocated buffer, bound as present too: the new rows are written in
+   place), seqlens_k [1] (total - 1), total_sequence_length, cos/sin caches [max_pos, rotary_dim/2] when
+   do_rotary. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +16,12 @@
 
 #define ROWS_PER_TASK 64
 
-typedef struct { int heads, kv_heads, rotary, half; float scale; } Node;
+typedef struct { int heads, kv_heads, rotary, format; float scale; } Node;
+
+static int cache_format(const OrtCustomOp *op) {
+    return op == &group_query_attention_half_cache_op ? CACHE_FP16
+           : op == &group_query_attention_int8_cache_op ? CACHE_INT8 : CACHE_FP32;
+}
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)api;
@@ -27,7 +35,7 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
     node->heads = (int)heads; node->kv_heads = (int)kv_heads;
     node->rotary = (int)op_attr_int(info, "do_rotary", 0);
     node->scale = op_attr_float(info, "scale", 0.f);
-    node->half = op == &group_query_attention_half_cache_op;
+    node->format = cache_format(op);
     *out = node;
     return 0;
 }
@@ -48,11 +56,11 @@ static void append_task(void *p, size_t i) {
     float row[MAX_HEAD_DIM];
     for (int s = 0; s < w->S; s++) {
         const int pos = w->past + s;
-        const size_t at = ((size_t)i * w->rows_len + pos) * D;
+        const size_t at = (size_t)i * w->rows_len + pos;  /* cache row */
         const float *ks = w->k + (size_t)s * w->kv_stride + w->k_offset + i * D;
         if (w->rotary_dim) gqa_rotate(ks, row, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, 1.f);
-        gqa_store_row(w->present_k, at, w->rotary_dim ? row : ks, D, w->node->half);
-        gqa_store_row(w->present_v, at, w->v + (size_t)s * w->kv_stride + w->v_offset + i * D, D, w->node->half);
+        gqa_store_row(w->present_k, at, w->rotary_dim ? row : ks, D, w->node->format);
+        gqa_store_row(w->present_v, at, w->v + (size_t)s * w->kv_stride + w->v_offset + i * D, D, w->node->format);
     }
 }
 
@@ -70,9 +78,9 @@ static void attend_task(void *p, size_t t) {
         if (w->rotary_dim) gqa_rotate(src, q + r * D, D, w->rotary_dim, w->cos + (size_t)pos * half, w->sin + (size_t)pos * half, w->scale);
         else for (int d = 0; d < D; d++) q[r * D + d] = src[d] * w->scale;
     }
-    const size_t cache = (size_t)kvh * w->rows_len * D * (w->node->half ? 2 : 4);
+    const size_t cache = (size_t)kvh * w->rows_len * cache_row_bytes(D, w->node->format);
     gqa_attend(rows, w->past + r0, D, q, (char *)w->present_k + cache, (char *)w->present_v + cache,
-               w->out + (size_t)r0 * w->node->heads * D + h * D, w->node->heads * D, w->node->half);
+               w->out + (size_t)r0 * w->node->heads * D + h * D, w->node->heads * D, w->node->format);
     free(q);
 }
 
@@ -91,8 +99,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     int64_t qd[8], kd[8], vd[8], pkd[8], pvd[8], cd[8], sd[8];
     size_t qr = 0, kr = 0, vr = 0, pkr = 0, pvr = 0, cr = 0, sr = 0;
     void *q, *k, *v, *pk, *pv, *seqlens, *total, *cos, *sin;
-    const int cache_type = node->half ? T_FLOAT16 : T_FLOAT;
-    const size_t elem = node->half ? 2 : 4;
+    const int cache_type = node->format == CACHE_FP16 ? T_FLOAT16 : node->format == CACHE_INT8 ? T_INT8 : T_FLOAT;
     CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
     CHECK(op_input(ctx, 1, T_FLOAT, &k, kd, &kr));
     CHECK(op_input(ctx, 2, T_FLOAT, &v, vd, &vr));
@@ -109,7 +116,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
         return INCONSISTENT;
     if (!packed && (kr != 3 || kd[0] != 1 || kd[1] != S || kd[2] != Hkv * D || !same_dims(kd, kr, vd, vr)))
         return INCONSISTENT;
-    if (pk && (pkr != 4 || pkd[0] != 1 || pkd[1] != Hkv || pkd[3] != D || !same_dims(pkd, pkr, pvd, pvr)))
+    const int64_t row_width = node->format == CACHE_INT8 ? D + 4 : D;  /* elements per cache row */
+    if (pk && (pkr != 4 || pkd[0] != 1 || pkd[1] != Hkv || pkd[3] != row_width || !same_dims(pkd, pkr, pvd, pvr)))
         return INCONSISTENT;
     const int P = pk ? (int)pkd[2] : 0;
     if (((const int32_t *)seqlens)[0] != T - 1 || past < 0 || P < past) return INCONSISTENT;
@@ -117,16 +125,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if (node->rotary && (!cos || !sin || cr != 2 || cd[0] < T || !same_dims(cd, cr, sd, sr) || rotary_dim > D))
         return op_error("edgelmm.GroupQueryAttention: the rotary caches do not cover these positions");
     const int L = P > T ? P : T;
-    int64_t out_dims[3] = {1, S, (int64_t)H * D}, cache_dims[4] = {1, Hkv, L, D};
+    int64_t out_dims[3] = {1, S, (int64_t)H * D}, cache_dims[4] = {1, Hkv, L, row_width};
+    const size_t row_bytes = cache_row_bytes((int)D, node->format);
     void *out, *present_k, *present_v;
     CHECK(op_output(ctx, 0, out_dims, 3, &out));
     CHECK(op_output(ctx, 1, cache_dims, 4, &present_k));
     CHECK(op_output(ctx, 2, cache_dims, 4, &present_v));
     for (int i = 0; past && i < Hkv; i++) {  /* a cache not shared with its past: carry the past rows over */
         if (present_k != pk)
-            memcpy((char *)present_k + (size_t)i * L * D * elem, (char *)pk + (size_t)i * P * D * elem, elem * past * D);
+            memcpy((char *)present_k + (size_t)i * L * row_bytes, (char *)pk + (size_t)i * P * row_bytes, row_bytes * past);
         if (present_v != pv)
-            memcpy((char *)present_v + (size_t)i * L * D * elem, (char *)pv + (size_t)i * P * D * elem, elem * past * D);
+            memcpy((char *)present_v + (size_t)i * L * row_bytes, (char *)pv + (size_t)i * P * row_bytes, row_bytes * past);
     }
     Work w = {.node = node, .S = S, .D = (int)D, .past = past, .rows_len = L, .rotary_dim = rotary_dim,
               .q = q, .k = packed ? q : k, .v = packed ? q : v, .cos = cos, .sin = sin,
@@ -145,13 +154,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 static void destroy(void *kernel) { free(kernel); }
 static const char *name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
 static const char *half_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionHalfCache"; }
+static const char *int8_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionInt8Cache"; }
+static int cache_type(const OrtCustomOp *op) {
+    return cache_format(op) == CACHE_FP16 ? T_FLOAT16 : cache_format(op) == CACHE_INT8 ? T_INT8 : T_FLOAT;
+}
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp *op, size_t i) {
-    return i == 5 || i == 6 ? T_INT32 : (i == 3 || i == 4) && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+    return i == 5 || i == 6 ? T_INT32 : i == 3 || i == 4 ? cache_type(op) : T_FLOAT;
 }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
 static int output_type(const OrtCustomOp *op, size_t i) {
-    return i && op == &group_query_attention_half_cache_op ? T_FLOAT16 : T_FLOAT;
+    return i ? cache_type(op) : T_FLOAT;
 }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 || i == 5 || i == 6 ? REQUIRED : OPTIONAL; }
@@ -166,3 +179,4 @@ static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; ret
 
 OrtCustomOp group_query_attention_op = GQA_OP(name);
 OrtCustomOp group_query_attention_half_cache_op = GQA_OP(half_cache_name);
+OrtCustomOp group_query_attention_int8_cache_op = GQA_OP(int8_cache_name);

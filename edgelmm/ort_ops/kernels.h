@@ -4,25 +4,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GEMV_CHUNK 128     /* k per GEMV step: 64 bytes of nibbles per column */
 #define MAX_HEAD_DIM 256   /* attention heads up to this size (Gemma's 256) */
 
-/* q4_kernels.c: int4 (MatMulNBits layout) x int8 activations. */
-void q4_quantize_rows(int m0, int m1, int K, int bs, const float *A, int8_t *Aq, float *as, int32_t *asum);
-void q4_gemm(int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
-             const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-             float *C, uint8_t *scratch);
-void q4_gemv_prepare(int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
-                     float *lane_zsum);
-void q4_gemv(int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-             const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-             float *y);
-extern const size_t q4_scratch_bytes;
+/* nbits_kernels.c: 4- and 8-bit weights (MatMulNBits layout) x int8 activations. */
+void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int8_t *Aq, float *as,
+                         int32_t *asum);
+void nbits_gemm(int bits, int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
+                const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                float *C, uint8_t *scratch);
+int nbits_gemv_chunks(int bits, int K);
+void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
+                        float *lane_zsum);
+void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
+                const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                float *y);
+extern const size_t nbits_scratch_bytes;
 
-/* gqa_kernels.c: causal attention over an fp32 or fp16 KV cache. */
+/* gqa_kernels.c: causal attention over an fp32, fp16 or int8 KV cache. */
+enum { CACHE_FP32, CACHE_FP16, CACHE_INT8 };  /* cache row formats; int8 rows end with their fp32 scale */
+size_t cache_row_bytes(int head_dim, int format);
 void gqa_rotate(const float *x, float *out, int head_dim, int rotary_dim, const float *cos_row, const float *sin_row,
                 float scale);
-void gqa_store_row(void *cache, size_t i, const float *row, int n, int half);
+void gqa_store_row(void *cache, size_t row, const float *x, int n, int format);
 void gqa_attend(int rows, int first_pos, int head_dim, const float *q, const void *keys, const void *values,
-                float *out, int ldo, int half);
+                float *out, int ldo, int format);
 #endif

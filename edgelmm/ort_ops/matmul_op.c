@@ -1,6 +1,6 @@
-/* edgelmm.MatMulNBits: com.microsoft MatMulNBits (4-bit, int8 compute) on q4_kernels.c. Inputs as the
-   original: A [..., K] fp32, B uint8 [N, K/bs, bs/2], scales [N, K/bs], optional packed uint8 zero points,
-   g_idx (must be absent), optional bias [N]. */
+/* edgelmm.MatMulNBits: com.microsoft MatMulNBits (4- or 8-bit, int8 compute) on nbits_kernels.c. Inputs as
+   the original: A [..., K] fp32, B uint8 [N, K/bs, bs*bits/8], scales [N, K/bs], optional uint8 zero points
+   (4-bit: two per byte, rows of ceil(K/bs/2) bytes; 8-bit: [N, K/bs]), g_idx (must be absent), optional bias [N]. */
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -9,19 +9,19 @@
 
 #define TASKS 8  /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
 
-typedef struct { int K, N, bs; } Node;
+typedef struct { int K, N, bs, bits; } Node;
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
     const int64_t K = op_attr_int(info, "K", 0), N = op_attr_int(info, "N", 0), bits = op_attr_int(info, "bits", 0);
     const int64_t bs = op_attr_int(info, "block_size", 0);
-    if (bits != 4) return op_error("edgelmm.MatMulNBits: bits must be 4");
+    if (bits != 4 && bits != 8) return op_error("edgelmm.MatMulNBits: bits must be 4 or 8");
     if (bs < 16 || bs > 4096 || (bs & (bs - 1)) || K < bs || K % bs)
         return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 dividing K");
     if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm.MatMulNBits: K and N must be 1 .. 2^24");
     Node *node = malloc(sizeof *node);
     if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
-    node->K = (int)K; node->N = (int)N; node->bs = (int)bs;
+    node->K = (int)K; node->N = (int)N; node->bs = (int)bs; node->bits = (int)bits;
     *out = node;
     return 0;
 }
@@ -47,7 +47,7 @@ static void quantize_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
     task_range(w->M, w->tasks, (int)i, 1, &b, &e);
-    q4_quantize_rows(b, e, w->node->K, w->node->bs, w->A, w->Aq, w->as, w->asum);
+    nbits_quantize_rows(w->node->bits, b, e, w->node->K, w->node->bs, w->A, w->Aq, w->as, w->asum);
 }
 
 static void gemm_task(void *p, size_t i) {
@@ -55,9 +55,9 @@ static void gemm_task(void *p, size_t i) {
     int b, e;
     task_range(w->node->N, w->tasks, (int)i, 16, &b, &e);
     if (b >= e) return;
-    uint8_t *scratch = aligned_alloc(64, q4_scratch_bytes);
+    uint8_t *scratch = aligned_alloc(64, nbits_scratch_bytes);
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
-    q4_gemm(w->M, w->node->N, w->node->K, w->node->bs, b, e, w->Aq, w->as, w->asum, w->B, w->scales, w->zp,
+    nbits_gemm(w->node->bits, w->M, w->node->N, w->node->K, w->node->bs, b, e, w->Aq, w->as, w->asum, w->B, w->scales, w->zp,
             w->bias, w->C, scratch);
     free(scratch);
 }
@@ -67,7 +67,7 @@ static void gemv_task(void *p, size_t i) {
     int b, e;
     task_range(w->node->N, w->tasks, (int)i, 4, &b, &e);
     if (b < e)
-        q4_gemv(w->node->K, w->node->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->B, w->scales, w->zp, w->bias,
+        nbits_gemv(w->node->bits, w->node->K, w->node->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->B, w->scales, w->zp, w->bias,
                 w->C);
 }
 
@@ -78,10 +78,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     void *A, *B, *scales, *zp, *g_idx, *bias, *C;
     const int64_t kb = node->K / node->bs;
     CHECK(op_input(ctx, 0, T_FLOAT, &A, dims, &rank));
-    CHECK(op_input_sized(ctx, 1, T_UINT8, &B, (int64_t)node->N * node->K / 2));
+    CHECK(op_input_sized(ctx, 1, T_UINT8, &B, (int64_t)node->N * node->K * node->bits / 8));
     CHECK(op_input_sized(ctx, 2, T_FLOAT, &scales, node->N * kb));
     CHECK(op_input(ctx, 3, T_UINT8, &zp, 0, 0));
-    if (zp) CHECK(op_input_sized(ctx, 3, T_UINT8, &zp, node->N * ((kb + 1) / 2)));
+    if (zp) CHECK(op_input_sized(ctx, 3, T_UINT8, &zp, node->N * (node->bits == 4 ? (kb + 1) / 2 : kb)));
     CHECK(op_input(ctx, 4, T_INT32, &g_idx, 0, 0));
     CHECK(op_input(ctx, 5, T_FLOAT, &bias, 0, 0));
     if (bias) CHECK(op_input_sized(ctx, 5, T_FLOAT, &bias, node->N));
@@ -93,7 +93,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_output(ctx, 0, dims, rank, &C));
     if (M == 0) return 0;
     if (M > (1 << 24)) return op_error("edgelmm.MatMulNBits: too many rows");
-    const int K = node->K, chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
+    const int K = node->K, chunks = nbits_gemv_chunks(node->bits, K);
     Work w = {.node = node, .M = (int)M, .A = A, .scales = scales, .bias = bias, .B = B, .zp = zp, .C = C};
     w.Aq = malloc((size_t)M * K);
     w.as = malloc((size_t)M * kb * sizeof(float));
@@ -104,11 +104,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if ((status = op_parallel(ctx, quantize_task, w.tasks, &w))) goto done;
     w.tasks = node->N >= 256 ? TASKS : 1;
     if (M == 1) {
-        w.ag = malloc((size_t)chunks * GEMV_CHUNK);
+        w.ag = malloc((size_t)chunks * 128);
         w.lane_scale = malloc((size_t)chunks * 16 * sizeof(float));
         w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
         if (!w.ag || !w.lane_scale || !w.lane_zsum) { status = op_error("edgelmm.MatMulNBits: out of memory"); goto done; }
-        q4_gemv_prepare(K, node->bs, w.Aq, w.as, w.ag, w.lane_scale, w.lane_zsum);
+        nbits_gemv_prepare(node->bits, K, node->bs, w.Aq, w.as, w.ag, w.lane_scale, w.lane_zsum);
         status = op_parallel(ctx, gemv_task, w.tasks, &w);
     } else {
         status = op_parallel(ctx, gemm_task, w.tasks, &w);

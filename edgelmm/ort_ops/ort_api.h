@@ -21,7 +21,7 @@ enum { SLOT_CREATE_STATUS = 0, SLOT_CREATE_DOMAIN = 26, SLOT_DOMAIN_ADD = 27, SL
        SLOT_TYPE_AND_SHAPE = 65, SLOT_ATTR_FLOAT = 85, SLOT_ATTR_INT64 = 86, SLOT_INPUT_COUNT = 88,
        SLOT_INPUT = 90, SLOT_OUTPUT = 91, SLOT_RELEASE_STATUS = 93, SLOT_RELEASE_SHAPE = 99,
        SLOT_PARALLEL_FOR = 274 };
-enum { T_FLOAT = 1, T_UINT8 = 2, T_INT32 = 6, T_FLOAT16 = 10 };
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_FLOAT16 = 10 };
 enum { REQUIRED = 0, OPTIONAL = 1 };
 #define OP_API_VERSION 16   /* the OrtCustomOp fields below: CreateKernelV2 / KernelComputeV2 */
 #define RUNTIME_API_VERSION 20  /* asked of GetApi: KernelContext_ParallelFor is slot 274 */
@@ -67,5 +67,6 @@ OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data);
 
-extern OrtCustomOp matmul_nbits_op, group_query_attention_op, group_query_attention_half_cache_op;
+extern OrtCustomOp matmul_nbits_op, group_query_attention_op, group_query_attention_half_cache_op,
+    group_query_attention_int8_cache_op;
 #endif

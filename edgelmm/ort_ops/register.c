@@ -70,7 +70,7 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits, GroupQueryAttention and GroupQueryAttentionHalfCache. The only
+/* Adds domain "edgelmm" with MatMulNBits and GroupQueryAttention(HalfCache|Int8Cache). The only
    symbol the library exports. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                     const OrtApiBase *base) {
@@ -90,5 +90,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
                &group_query_attention_op));
     CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
                &group_query_attention_half_cache_op));
+    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
+               &group_query_attention_int8_cache_op));
     return CALL(SLOT_ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *), options, domain);
 }

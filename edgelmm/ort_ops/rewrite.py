@@ -3,12 +3,13 @@
 The graph is re-encoded at the protobuf wire level (onnx.proto field numbers): every field is copied as it
 is except, for each eligible node, its ``domain`` (``com.microsoft`` → ``edgelmm``), and the model gains an
 opset import for ``edgelmm``. External-data initializers stay references. Eligible:
-- ``MatMulNBits``: 4-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
+- ``MatMulNBits``: 4- or 8-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
   block size dividing K, no ``g_idx``;
 - ``GroupQueryAttention``: no inputs past the rotary caches (position ids, attention bias, head sink), no
   softcap, sliding window, smooth softmax, interleaved rotary or qk output. By default it becomes
   ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
-  and the bytes each decode step reads.
+  and the bytes each decode step reads; with an int8 cache ``GroupQueryAttentionInt8Cache``, past/present int8
+  with rows of head_dim + 4 (each row's fp32 scale after its values; the last dimension becomes symbolic).
 """
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ _GRAPH_NODE = 1
 _NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
 _GRAPH_VALUE_INFOS = (11, 12, 13)  # input, output, value_info
 _VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 2, 1, 1
-_FLOAT16 = 10
+_INT8, _FLOAT16 = 3, 10
+_TYPE_TENSOR_SHAPE, _SHAPE_DIM, _DIM_PARAM = 2, 1, 2
+CACHE_OPS = {"float32": ("GroupQueryAttention", None), "float16": ("GroupQueryAttentionHalfCache", _FLOAT16),
+             "int8": ("GroupQueryAttentionInt8Cache", _INT8)}  # cache dtype: attention op, cache element type
+INT8_ROW_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their fp32 scale
 _ATTR_NAME, _ATTR_FLOAT, _ATTR_INT = 1, 2, 3
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -107,7 +112,7 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
         return False
     if op_type == "MatMulNBits":
         k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
-        return (attrs.get("bits") == 4 and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096)
+        return (attrs.get("bits") in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096)
                 and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
                 and not any(inputs[4:5]))  # as matmul_op.c's create() requires
     if op_type == "GroupQueryAttention":
@@ -122,15 +127,26 @@ def _rewrite_node(node: bytes, op_type: str) -> bytes:
     return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
+def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
+    """A TensorShapeProto with its last dimension replaced by the symbol ``name``."""
+    dims = [(f, raw) for f, _, _, raw in _fields(shape)]
+    last = max(i for i, (f, _) in enumerate(dims) if f == _SHAPE_DIM)
+    dims[last] = (_SHAPE_DIM, _len_field(_SHAPE_DIM, _len_field(_DIM_PARAM, name.encode())))
+    return b"".join(raw for _, raw in dims)
+
+
 def _retyped(value_info: bytes, elem_type: int) -> bytes:
-    """A ValueInfoProto of a tensor with its element type replaced."""
+    """A ValueInfoProto of a tensor with its element type replaced (int8: and its last dimension symbolic, the
+    cache's rows being longer than head_dim)."""
     out = []
     for field, wire, value, raw in _fields(value_info):
         if field == _VALUE_INFO_TYPE and wire == _LEN:
             type_proto = []
             for t_field, t_wire, t_value, t_raw in _fields(value):
                 if t_field == _TYPE_TENSOR and t_wire == _LEN:
-                    tensor = b"".join(r for f, _, _, r in _fields(t_value) if f != _TENSOR_ELEM_TYPE)
+                    tensor = b"".join(_len_field(f, _symbolic_last_dim(v, "cache_row")) if f == _TYPE_TENSOR_SHAPE
+                                      and elem_type == _INT8 else r
+                                      for f, _, v, r in _fields(t_value) if f != _TENSOR_ELEM_TYPE)
                     t_raw = _len_field(_TYPE_TENSOR, _encode_varint(_TENSOR_ELEM_TYPE << 3) + _encode_varint(elem_type)
                                        + tensor)
                 type_proto.append(t_raw)
@@ -143,10 +159,11 @@ def _value_name(value_info: bytes) -> str:
     return next((v.decode() for f, _, v, _ in _fields(value_info) if f == _VALUE_INFO_NAME), "")
 
 
-def rewrite_model(model: bytes, half_cache: bool = True) -> tuple[bytes, int]:
+def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
     """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
-    were moved. With ``half_cache`` the moved attention nodes keep their KV cache in fp16
-    (``GroupQueryAttentionHalfCache``; the graph's past/present inputs and outputs become float16)."""
+    were moved. The moved attention nodes keep their KV cache as ``cache`` (a ``CACHE_OPS`` key; the graph's
+    past/present inputs and outputs are retyped to it)."""
+    attention_op, cache_type = CACHE_OPS[cache]
     moved, caches, out = 0, set(), []
     for field, wire, value, raw in _fields(model):
         if field == _MODEL_GRAPH and wire == _LEN:
@@ -155,14 +172,14 @@ def rewrite_model(model: bytes, half_cache: bool = True) -> tuple[bytes, int]:
                 if g_field == _GRAPH_NODE and g_wire == _LEN:
                     op_type, domain, inputs, outputs, attrs = _node_info(g_value)
                     if _eligible(op_type, domain, inputs, attrs):
-                        if op_type == "GroupQueryAttention" and half_cache:
-                            op_type = "GroupQueryAttentionHalfCache"
+                        if op_type == "GroupQueryAttention" and cache_type:
+                            op_type = attention_op
                             caches.update(n for n in inputs[3:5] + outputs[1:3] if n)
                         g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type))
                         moved += 1
                 graph.append((g_field, g_wire, g_value, g_raw))
             raw = _len_field(_MODEL_GRAPH, b"".join(
-                _len_field(f, _retyped(v, _FLOAT16)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
+                _len_field(f, _retyped(v, cache_type)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
                 else r for f, w, v, r in graph))
         out.append(raw)
     if moved:

@@ -1,0 +1,271 @@
+/* 4- and 8-bit weights (MatMulNBits layout) x int8 (dynamically quantized activations) GEMM/GEMV,
+   AVX512-VNNI. Every 8-k step of a column is two dwords of u8 codes against two dwords of s8 activations:
+   4-bit, the low nibbles (even k) and the high nibbles (odd k); 8-bit, bytes k0..3 and k4..7. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define MR 3   /* rows x NB 16-column panels per micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
+#define NB 4
+#define PANEL_BYTES 32768  /* one packed 16-column panel of a K chunk: 4096 k of 4-bit or 2048 k of 8-bit */
+#define KC_MAX 4096        /* deepest K chunk (4-bit) */
+
+/* Quantize rows [m0, m1) of A [M, K] per row and block of `bs` k to symmetric int8.
+   Aq [M, K]: for 4-bit weights the bytes inside each 8-k step are a[k0 k2 k4 k6 k1 k3 k5 k7] (the order the
+   nibble split yields), for 8-bit in order; as [M, K/bs] scales; asum [M, K/bs] sums of the quantized values. */
+void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int8_t *Aq, float *as,
+                         int32_t *asum) {
+    const __m128i order = bits == 4 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+                                    : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int kb = K / bs;
+    for (int m = m0; m < m1; m++) {
+        for (int b = 0; b < kb; b++) {
+            const float *a = A + (size_t)m * K + (size_t)b * bs;
+            int8_t *q = Aq + (size_t)m * K + (size_t)b * bs;
+            __m512 mx = _mm512_setzero_ps();
+            for (int k = 0; k < bs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(a + k)));
+            float amax = _mm512_reduce_max_ps(mx);
+            __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            __m512i sum = _mm512_setzero_si512();
+            for (int k = 0; k < bs; k += 16) {
+                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + k), inv));
+                sum = _mm512_add_epi32(sum, v);
+                _mm_storeu_si128((__m128i *)(q + k), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), order));
+            }
+            as[(size_t)m * kb + b] = amax / 127.f;
+            asum[(size_t)m * kb + b] = _mm512_reduce_add_epi32(sum);
+        }
+    }
+}
+
+/* Zero point of column n, block b of kb: 4-bit packed two per byte (rows of ceil(kb/2) bytes), 8-bit one byte
+   each. (Without zero points: 8 and 128.) */
+static inline float zero_of(int bits, const uint8_t *zp, int kb, int n, int b) {
+    if (bits == 8) return (float)zp[(size_t)n * kb + b];
+    uint8_t z = zp[(size_t)n * ((kb + 1) / 2) + b / 2];
+    return (float)((b & 1) ? z >> 4 : z & 15);
+}
+
+static inline __mmask16 live_columns(int n_end, int n0) {
+    return n_end - n0 >= 16 ? 0xFFFF : n_end <= n0 ? 0 : (__mmask16)((1u << (n_end - n0)) - 1);
+}
+
+/* Pack a kc-deep, 16-column panel of B (row stride ldb bytes) by 8-k steps, lane j = column n0+j (0 past
+   n_end): 4-bit [kc/8][64 bytes], a lane's 8 nibbles; 8-bit [kc/8][2][64 bytes], a lane's k0..3 then k4..7. */
+static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, int k0, int kc, uint8_t *panel) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(ldb));
+    const __mmask16 live = live_columns(n_end, n0);
+    const uint8_t *base = B + (size_t)n0 * ldb + (size_t)k0 * bits / 8;
+    for (int i = 0; i < kc / 8 * (bits / 4); i++)
+        _mm512_storeu_si512(panel + (size_t)i * 64,
+                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, base + i * 4, 1));
+
+}
+
+/* C rows [0, mr) x the tile's NB*16 columns (those below n_end) over k in [k0, k0+kc): accumulate into C
+   (first: start from 0); last: add the bias. panel: NB packed sub-panels of panel_stride bytes; ws/zs: [block][NB*16] floats. */
+static inline __attribute__((always_inline)) void micro(
+        const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
+        const uint8_t *panel, size_t panel_stride, const float *ws, const float *zs, const float *bias, int n_end,
+        int n0, float *C, int ldc, int first, int last) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int kb = K / bs;
+    __m512 accf[MR][NB];
+    _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++)
+            accf[r][t] = first ? _mm512_setzero_ps()
+                               : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + n0 + 16 * t);
+    for (int b0 = k0; b0 < k0 + kc; b0 += bs) {
+        const int b = b0 / bs;
+        __m512i acc[MR][NB];
+        _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
+            _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) acc[r][t] = _mm512_setzero_si512();
+        const uint8_t *pp = panel + (size_t)(b0 - k0) / 8 * 16 * bits;  /* 16 columns x 8 k */
+        for (int p = 0; p < bs / 8; p++) {
+            __m512i lo[NB], hi[NB];
+            _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+                const uint8_t *step = pp + t * panel_stride + (size_t)p * 16 * bits;
+                if (bits == 4) {
+                    const __m512i v = _mm512_loadu_si512(step);
+                    lo[t] = _mm512_and_si512(v, low);
+                    hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                } else {
+                    lo[t] = _mm512_loadu_si512(step);
+                    hi[t] = _mm512_loadu_si512(step + 64);
+                }
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
+                const int32_t *a = (const int32_t *)(Aq + (size_t)r * K + b0 + p * 8);
+                const __m512i a_lo = _mm512_set1_epi32(a[0]), a_hi = _mm512_set1_epi32(a[1]);
+                _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a_lo);
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a_hi);
+                }
+            }
+        }
+        const int blk = b - k0 / bs;
+        _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+            const __m512 w = _mm512_loadu_ps(ws + (size_t)blk * NB * 16 + t * 16);
+            const __m512 z = zs ? _mm512_loadu_ps(zs + (size_t)blk * NB * 16 + t * 16)
+                                : _mm512_set1_ps(bits == 4 ? 8.f : 128.f);
+            _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
+                __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps((float)asum[(size_t)r * kb + b]),
+                                            _mm512_cvtepi32_ps(acc[r][t]));
+                accf[r][t] = _mm512_fmadd_ps(d, _mm512_mul_ps(w, _mm512_set1_ps(as[(size_t)r * kb + b])), accf[r][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+            const __mmask16 live = live_columns(n_end, n0 + 16 * t);
+            __m512 o = accf[r][t];
+            if (last && bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(live, bias + n0 + 16 * t));
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc + n0 + 16 * t, live, o);
+        }
+}
+
+#define MICRO_CASE(BITS, R) case R: micro(BITS, R, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
+        asum + (size_t)m * kb, panel, PANEL_BYTES, ws, zs, bias, n_end, n0, C + (size_t)m * N, N, k0 == 0, \
+        k0 + kc >= K); break;
+#define MICRO_CASES(BITS) switch (M - m < MR ? M - m : MR) { MICRO_CASE(BITS, 1) MICRO_CASE(BITS, 2) MICRO_CASE(BITS, 3) }
+
+/* C[M, N] = A @ W^T (+ bias) for columns [n_begin, n_end) (multiples of 16 except at N).
+   B uint8 [N, K * bits / 8] (MatMulNBits, block bs), scales [N, K/bs], zp (see zero_of) or NULL.
+   scratch: nbits_scratch_bytes. */
+void nbits_gemm(int bits, int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
+                const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                float *C, uint8_t *scratch) {
+    const int kb = K / bs, kc_max = PANEL_BYTES / (16 * bits) * 8;  /* 4096 k (4-bit), 2048 k (8-bit) */
+    /* K in chunks of at most kc_max (whole blocks): the tile's panels stay in L1/L2 */
+    const int chunks = (K + kc_max - 1) / kc_max, kc_step = ((K / chunks + bs - 1) / bs) * bs;
+    uint8_t *panel = scratch;
+    float *ws = (float *)(scratch + NB * PANEL_BYTES), *zs_buf = ws + (KC_MAX / 16) * NB * 16;
+    for (int n0 = n_begin; n0 < n_end; n0 += NB * 16) {
+        for (int k0 = 0; k0 < K; k0 += kc_step) {
+            const int kc = K - k0 < kc_step ? K - k0 : kc_step;
+            for (int t = 0; t < NB; t++)
+                pack_panel(bits, B, K * bits / 8, n0 + 16 * t, n_end, k0, kc, panel + t * PANEL_BYTES);
+            for (int b = k0 / bs; b < (k0 + kc) / bs; b++)
+                for (int j = 0; j < NB * 16; j++) {
+                    const int n = n0 + j < n_end ? n0 + j : n_end - 1;
+                    ws[(size_t)(b - k0 / bs) * NB * 16 + j] = scales[(size_t)n * kb + b];
+                    if (zp) zs_buf[(size_t)(b - k0 / bs) * NB * 16 + j] = zero_of(bits, zp, kb, n, b);
+                }
+            const float *zs = zp ? zs_buf : 0;
+            for (int m = 0; m < M; m += MR) {  /* a specialized kernel per bit width and row count */
+                if (bits == 4) MICRO_CASES(4) else MICRO_CASES(8)
+            }
+        }
+    }
+}
+
+/* The GEMV reads B in chunks of 64 bytes per column: 128 k of 4-bit or 64 k of 8-bit, 16 lanes of 8 or 4 k. */
+static inline int chunk_k(int bits) { return 512 / bits; }
+
+/* How many chunks a K-deep row takes: ag holds 128 bytes per chunk, lane_scale and lane_zsum 16 floats. */
+int nbits_gemv_chunks(int bits, int K) { return (K + chunk_k(bits) - 1) / chunk_k(bits); }
+
+/* GEMV operands for one quantized row, per chunk: 4-bit, the even then the odd dwords of Aq (lane l of a B
+   chunk holds k 8l..8l+7 as nibbles); 8-bit, Aq's 64 bytes; each lane's scale (of its block) and the sum of
+   its values. */
+void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
+                        float *lane_zsum) {
+    const int chunks = nbits_gemv_chunks(bits, K), ck = chunk_k(bits), lane_k = ck / 16;
+    memset(ag, 0, (size_t)chunks * 128);
+    for (int c = 0; c < chunks; c++)
+        for (int l = 0; l < 16; l++) {
+            const int k = c * ck + lane_k * l;
+            int32_t *dwords = (int32_t *)(ag + (size_t)c * 128);
+            float sum = 0.f, scale = 0.f;
+            if (k < K) {  /* K is a multiple of 16: a lane is all inside or all past it */
+                memcpy(dwords + l, aq + k, 4);
+                if (bits == 4) memcpy(dwords + 16 + l, aq + k + 4, 4);
+                for (int i = 0; i < lane_k; i++) sum += aq[k + i];
+                scale = as[k / bs];
+            }
+            lane_scale[c * 16 + l] = scale;
+            lane_zsum[c * 16 + l] = sum;
+        }
+}
+
+/* Column n's scales (or zero points) v for the lanes of a chunk starting at block b0, which spans per_chunk
+   blocks (a constant after inlining; lane_block maps lanes to them). Full chunks load exactly the chunk's
+   blocks; the last, partial chunk masks the load to its nblk blocks. */
+static inline __attribute__((always_inline)) __m512 lane_values(const float *v, int b0, int nblk, int per_chunk,
+                                                                int full, __m512i lane_block) {
+    if (per_chunk == 1) return _mm512_set1_ps(v[b0]);
+    if (!full) return _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((__mmask16)((1u << nblk) - 1), v + b0));
+    if (per_chunk == 2) return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(v + b0)))));
+    if (per_chunk == 4) return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(v + b0)));
+    return _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(_mm256_loadu_ps(v + b0)));  /* 8 */
+}
+
+#define GEMV_COLS 4
+#define GEMV_PREFETCH_ROWS 8   /* two column groups ahead */
+
+/* GEMV for one bit width and block size (constants after inlining). */
+static inline __attribute__((always_inline)) void gemv_bs(
+        const int bits, const int bs, int K, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
+        const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias, float *y) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int ck = chunk_k(bits), kb = K / bs, chunks = nbits_gemv_chunks(bits, K), ldb = K * bits / 8;
+    const int per_chunk = ck / bs > 1 ? ck / bs : 1;
+    const __m512i lane_block = per_chunk > 1 ? _mm512_srli_epi32(_mm512_slli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), __builtin_ctz(ck / 16)),
+        __builtin_ctz(bs)) : _mm512_setzero_si512();
+    const int tail_bytes = (K - (chunks - 1) * ck) * bits / 8;
+    const __mmask64 tail = tail_bytes >= 64 ? ~0ULL : ((1ULL << tail_bytes) - 1);
+    float zeros[8];
+    for (int n = n_begin; n < n_end; n += GEMV_COLS) {
+        const int cols = n_end - n < GEMV_COLS ? n_end - n : GEMV_COLS;
+        __m512 acc[GEMV_COLS];
+        _Pragma("GCC unroll 4") for (int j = 0; j < GEMV_COLS; j++) acc[j] = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++) {
+            const int8_t *a = ag + (size_t)c * 128;
+            const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 64);
+            const __m512 lsc = _mm512_loadu_ps(lane_scale + c * 16), lzs = _mm512_loadu_ps(lane_zsum + c * 16);
+            const int b0 = c * ck / bs, full = c + 1 < chunks || tail_bytes == 64;
+            const int nblk = kb - b0 < per_chunk ? kb - b0 : per_chunk;
+            _Pragma("GCC unroll 4") for (int j = 0; j < GEMV_COLS; j++) {
+                if (j < cols) {
+                    const uint8_t *b = B + (size_t)(n + j) * ldb + (size_t)c * 64;
+                    _mm_prefetch((const char *)(b + (size_t)GEMV_PREFETCH_ROWS * ldb), _MM_HINT_T0);
+                    const __m512i v = full ? _mm512_loadu_si512(b) : _mm512_maskz_loadu_epi8(tail, b);
+                    __m512i dot;
+                    if (bits == 4)
+                        dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), a0),
+                                                  _mm512_and_si512(_mm512_srli_epi16(v, 4), low), a1);
+                    else
+                        dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, a0);
+                    const __m512 w = lane_values(scales + (size_t)(n + j) * kb, b0, nblk, per_chunk, full, lane_block);
+                    __m512 z = _mm512_set1_ps(bits == 4 ? 8.f : 128.f);
+                    if (zp) {
+                        for (int i = 0; i < nblk; i++) zeros[i] = zero_of(bits, zp, kb, n + j, b0 + i);
+                        z = lane_values(zeros, 0, nblk, per_chunk, 0, lane_block);
+                    }
+                    const __m512 t = _mm512_fnmadd_ps(z, lzs, _mm512_cvtepi32_ps(dot));
+                    acc[j] = _mm512_fmadd_ps(t, _mm512_mul_ps(w, lsc), acc[j]);
+                }
+            }
+        }
+        for (int j = 0; j < cols; j++) y[n + j] = _mm512_reduce_add_ps(acc[j]) + (bias ? bias[n + j] : 0.f);
+    }
+}
+
+#define GEMV_CASES(BITS) switch (bs) { \
+    case 16: gemv_bs(BITS, 16, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
+    case 32: gemv_bs(BITS, 32, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
+    case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
+    default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; }
+
+/* y[n] = a . W[n] (+ bias) for n in [n_begin, n_end), one prepared row (see nbits_gemv_prepare). */
+void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
+                const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                float *y) {
+    if (bits == 4) GEMV_CASES(4) else GEMV_CASES(8)
+}
+
+const size_t nbits_scratch_bytes = NB * (PANEL_BYTES + 2 * (KC_MAX / 16) * 16 * sizeof(float));
