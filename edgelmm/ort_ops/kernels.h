@@ -11,13 +11,13 @@ void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A
                          int32_t *asum);
 void nbits_gemm(int bits, int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
                 const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-                float *C, uint8_t *scratch);
+                int gelu, float *C, uint8_t *scratch);
 int nbits_gemv_chunks(int bits, int K);
 void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
                         float *lane_zsum);
 void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
                 const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-                float *y);
+                int gelu, float *y);
 extern const size_t nbits_scratch_bytes;
 
 /* gqa_kernels.c: causal attention over an fp32, fp16 or int8 KV cache. */

@@ -1,6 +1,7 @@
 /* edgelmm.MatMulNBits: com.microsoft MatMulNBits (4- or 8-bit, int8 compute) on nbits_kernels.c. Inputs as
    the original: A [..., K] fp32, B uint8 [N, K/bs, bs*bits/8], scales [N, K/bs], optional uint8 zero points
-   (4-bit: two per byte, rows of ceil(K/bs/2) bytes; 8-bit: [N, K/bs]), g_idx (must be absent), optional bias [N]. */
+   (4-bit: two per byte, rows of ceil(K/bs/2) bytes; 8-bit: [N, K/bs]), g_idx (must be absent), optional bias [N].
+   Attribute gelu_tanh = 1 (edgelmm's own): the output goes through com.microsoft FastGelu, fused here. */
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -9,7 +10,7 @@
 
 #define TASKS 8  /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
 
-typedef struct { int K, N, bs, bits; } Node;
+typedef struct { int K, N, bs, bits, gelu; } Node;
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
@@ -22,6 +23,7 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
     Node *node = malloc(sizeof *node);
     if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
     node->K = (int)K; node->N = (int)N; node->bs = (int)bs; node->bits = (int)bits;
+    node->gelu = op_attr_int(info, "gelu_tanh", 0) != 0;
     *out = node;
     return 0;
 }
@@ -58,7 +60,7 @@ static void gemm_task(void *p, size_t i) {
     uint8_t *scratch = aligned_alloc(64, nbits_scratch_bytes);
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
     nbits_gemm(w->node->bits, w->M, w->node->N, w->node->K, w->node->bs, b, e, w->Aq, w->as, w->asum, w->B, w->scales, w->zp,
-            w->bias, w->C, scratch);
+            w->bias, w->node->gelu, w->C, scratch);
     free(scratch);
 }
 
@@ -67,8 +69,8 @@ static void gemv_task(void *p, size_t i) {
     int b, e;
     task_range(w->node->N, w->tasks, (int)i, 4, &b, &e);
     if (b < e)
-        nbits_gemv(w->node->bits, w->node->K, w->node->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->B, w->scales, w->zp, w->bias,
-                w->C);
+        nbits_gemv(w->node->bits, w->node->K, w->node->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->B, w->scales,
+                   w->zp, w->bias, w->node->gelu, w->C);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "vec_math.h"
 
 #define MR 3   /* rows x NB 16-column panels per micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
 #define NB 4
@@ -66,11 +67,11 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
 }
 
 /* C rows [0, mr) x the tile's NB*16 columns (those below n_end) over k in [k0, k0+kc): accumulate into C
-   (first: start from 0); last: add the bias. panel: NB packed sub-panels of panel_stride bytes; ws/zs: [block][NB*16] floats. */
+   (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB packed sub-panels of panel_stride bytes; ws/zs: [block][NB*16] floats. */
 static inline __attribute__((always_inline)) void micro(
         const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
         const uint8_t *panel, size_t panel_stride, const float *ws, const float *zs, const float *bias, int n_end,
-        int n0, float *C, int ldc, int first, int last) {
+        int n0, float *C, int ldc, int first, int last, int gelu) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int kb = K / bs;
     __m512 accf[MR][NB];
@@ -123,21 +124,22 @@ static inline __attribute__((always_inline)) void micro(
             const __mmask16 live = live_columns(n_end, n0 + 16 * t);
             __m512 o = accf[r][t];
             if (last && bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(live, bias + n0 + 16 * t));
+            if (last && gelu) o = gelu_tanh512(o);
             _mm512_mask_storeu_ps(C + (size_t)r * ldc + n0 + 16 * t, live, o);
         }
 }
 
 #define MICRO_CASE(BITS, R) case R: micro(BITS, R, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
         asum + (size_t)m * kb, panel, PANEL_BYTES, ws, zs, bias, n_end, n0, C + (size_t)m * N, N, k0 == 0, \
-        k0 + kc >= K); break;
+        k0 + kc >= K, gelu); break;
 #define MICRO_CASES(BITS) switch (M - m < MR ? M - m : MR) { MICRO_CASE(BITS, 1) MICRO_CASE(BITS, 2) MICRO_CASE(BITS, 3) }
 
-/* C[M, N] = A @ W^T (+ bias) for columns [n_begin, n_end) (multiples of 16 except at N).
+/* C[M, N] = A @ W^T (+ bias), FastGelu'd when gelu, for columns [n_begin, n_end) (multiples of 16 except at N).
    B uint8 [N, K * bits / 8] (MatMulNBits, block bs), scales [N, K/bs], zp (see zero_of) or NULL.
    scratch: nbits_scratch_bytes. */
 void nbits_gemm(int bits, int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
                 const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-                float *C, uint8_t *scratch) {
+                int gelu, float *C, uint8_t *scratch) {
     const int kb = K / bs, kc_max = PANEL_BYTES / (16 * bits) * 8;  /* 4096 k (4-bit), 2048 k (8-bit) */
     /* K in chunks of at most kc_max (whole blocks): the tile's panels stay in L1/L2 */
     const int chunks = (K + kc_max - 1) / kc_max, kc_step = ((K / chunks + bs - 1) / bs) * bs;
@@ -209,7 +211,8 @@ static inline __attribute__((always_inline)) __m512 lane_values(const float *v, 
 /* GEMV for one bit width and block size (constants after inlining). */
 static inline __attribute__((always_inline)) void gemv_bs(
         const int bits, const int bs, int K, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-        const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias, float *y) {
+        const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias, int gelu,
+        float *y) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int ck = chunk_k(bits), kb = K / bs, chunks = nbits_gemv_chunks(bits, K), ldb = K * bits / 8;
     const int per_chunk = ck / bs > 1 ? ck / bs : 1;
@@ -251,20 +254,24 @@ static inline __attribute__((always_inline)) void gemv_bs(
                 }
             }
         }
-        for (int j = 0; j < cols; j++) y[n + j] = _mm512_reduce_add_ps(acc[j]) + (bias ? bias[n + j] : 0.f);
+        for (int j = 0; j < cols; j++) {
+            const float out = _mm512_reduce_add_ps(acc[j]) + (bias ? bias[n + j] : 0.f);
+            y[n + j] = gelu ? gelu_tanh(out) : out;
+        }
     }
 }
 
 #define GEMV_CASES(BITS) switch (bs) { \
-    case 16: gemv_bs(BITS, 16, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
-    case 32: gemv_bs(BITS, 32, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
-    case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; \
-    default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, y); break; }
+    case 16: gemv_bs(BITS, 16, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
+    case 32: gemv_bs(BITS, 32, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
+    case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
+    default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; }
 
-/* y[n] = a . W[n] (+ bias) for n in [n_begin, n_end), one prepared row (see nbits_gemv_prepare). */
+/* y[n] = a . W[n] (+ bias), FastGelu'd when gelu, for n in [n_begin, n_end), one prepared row (see
+   nbits_gemv_prepare). */
 void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
                 const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-                float *y) {
+                int gelu, float *y) {
     if (bits == 4) GEMV_CASES(4) else GEMV_CASES(8)
 }
 

@@ -10,6 +10,9 @@ opset import for ``edgelmm``. External-data initializers stay references. Eligib
   ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
   and the bytes each decode step reads; with an int8 cache ``GroupQueryAttentionInt8Cache``, past/present int8
   with rows of head_dim + 4 (each row's fp32 scale after its values; the last dimension becomes symbolic).
+A ``FastGelu`` (no bias input) whose input is an eligible ``MatMulNBits``'s only use (Phi's fc1) is fused into
+it: the matmul writes the FastGelu's output, with attribute ``gelu_tanh`` = 1, and the FastGelu node goes (one
+pass over the activations and a buffer of them fewer).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ _TYPE_TENSOR_SHAPE, _SHAPE_DIM, _DIM_PARAM = 2, 1, 2
 CACHE_OPS = {"float32": ("GroupQueryAttention", None), "float16": ("GroupQueryAttentionHalfCache", _FLOAT16),
              "int8": ("GroupQueryAttentionInt8Cache", _INT8)}  # cache dtype: attention op, cache element type
 INT8_ROW_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their fp32 scale
-_ATTR_NAME, _ATTR_FLOAT, _ATTR_INT = 1, 2, 3
+_ATTR_NAME, _ATTR_FLOAT, _ATTR_INT, _ATTR_TYPE, _ATTR_GRAPHS = 1, 2, 3, 20, (6, 11)
+_ATTR_TYPE_INT = 2
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -100,6 +104,8 @@ def _node_info(node: bytes) -> tuple[str, str, list[str], list[str], dict]:
             outputs.append(value.decode())
         elif field == _NODE_ATTRIBUTE:
             attr = {f: v for f, _, v, _ in _fields(value)}
+            if any(f in attr for f in _ATTR_GRAPHS):
+                attrs["<subgraph>"] = 1
             if _ATTR_INT in attr:
                 attrs[attr[_ATTR_NAME].decode()] = _signed(attr[_ATTR_INT])
             elif _ATTR_FLOAT in attr:
@@ -122,9 +128,34 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
     return False
 
 
-def _rewrite_node(node: bytes, op_type: str) -> bytes:
-    kept = b"".join(raw for field, _, _, raw in _fields(node) if field not in (_NODE_DOMAIN, _NODE_OP_TYPE))
+def _rewrite_node(node: bytes, op_type: str, output: str | None = None) -> bytes:
+    """The node in domain ``edgelmm`` as ``op_type``; with ``output``, writing that (its only output) through a
+    fused FastGelu (attribute gelu_tanh = 1)."""
+    dropped = (_NODE_DOMAIN, _NODE_OP_TYPE) + ((_NODE_OUTPUT,) if output else ())
+    kept = b"".join(raw for field, _, _, raw in _fields(node) if field not in dropped)
+    if output:
+        gelu = (_len_field(_ATTR_NAME, b"gelu_tanh") + _encode_varint(_ATTR_INT << 3) + _encode_varint(1)
+                + _encode_varint(_ATTR_TYPE << 3) + _encode_varint(_ATTR_TYPE_INT))
+        kept = _len_field(_NODE_OUTPUT, output.encode()) + kept + _len_field(_NODE_ATTRIBUTE, gelu)
     return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
+
+
+def _gelu_fusions(nodes: list[tuple], graph_outputs: set[str]) -> dict[int, int]:
+    """{index of an eligible MatMulNBits: index of the FastGelu fused into it}. ``nodes``: _node_info tuples."""
+    uses: dict[str, int] = {}
+    for _, _, inputs, _, _ in nodes:
+        for name in inputs:
+            uses[name] = uses.get(name, 0) + 1
+    if any("<subgraph>" in attrs for *_, attrs in nodes):
+        return {}  # a subgraph may read any tensor: leave the graph as it is
+    producer = {outputs[0]: i for i, (op, domain, inputs, outputs, attrs) in enumerate(nodes)
+                if op == "MatMulNBits" and len(outputs) == 1 and _eligible(op, domain, inputs, attrs)}
+    fusions = {}
+    for j, (op, domain, inputs, _, _) in enumerate(nodes):
+        if (op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
+                and uses[inputs[0]] == 1 and inputs[0] not in graph_outputs):
+            fusions[producer[inputs[0]]] = j
+    return fusions
 
 
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
@@ -161,26 +192,35 @@ def _value_name(value_info: bytes) -> str:
 
 def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
     """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
-    were moved. The moved attention nodes keep their KV cache as ``cache`` (a ``CACHE_OPS`` key; the graph's
-    past/present inputs and outputs are retyped to it)."""
+    were moved (fused FastGelus not counted). The moved attention nodes keep their KV cache as ``cache`` (a
+    ``CACHE_OPS`` key; the graph's past/present inputs and outputs are retyped to it)."""
     attention_op, cache_type = CACHE_OPS[cache]
     moved, caches, out = 0, set(), []
     for field, wire, value, raw in _fields(model):
         if field == _MODEL_GRAPH and wire == _LEN:
-            graph = []
-            for g_field, g_wire, g_value, g_raw in _fields(value):
-                if g_field == _GRAPH_NODE and g_wire == _LEN:
-                    op_type, domain, inputs, outputs, attrs = _node_info(g_value)
+            graph = list(_fields(value))
+            nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
+            outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
+            order = list(nodes)
+            fusions = {order[m]: order[g] for m, g in _gelu_fusions([nodes[i] for i in order], outputs).items()}
+            fused_away = set(fusions.values())
+            kept = []
+            for i, (g_field, g_wire, g_value, g_raw) in enumerate(graph):
+                if i in fused_away:
+                    continue
+                if i in nodes:
+                    op_type, domain, inputs, outs, attrs = nodes[i]
                     if _eligible(op_type, domain, inputs, attrs):
                         if op_type == "GroupQueryAttention" and cache_type:
                             op_type = attention_op
-                            caches.update(n for n in inputs[3:5] + outputs[1:3] if n)
-                        g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type))
+                            caches.update(n for n in inputs[3:5] + outs[1:3] if n)
+                        fused_output = nodes[fusions[i]][3][0] if i in fusions else None
+                        g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type, fused_output))
                         moved += 1
-                graph.append((g_field, g_wire, g_value, g_raw))
+                kept.append((g_field, g_wire, g_value, g_raw))
             raw = _len_field(_MODEL_GRAPH, b"".join(
                 _len_field(f, _retyped(v, cache_type)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
-                else r for f, w, v, r in graph))
+                else r for f, w, v, r in kept))
         out.append(raw)
     if moved:
         opset = _len_field(_OPSET_DOMAIN, DOMAIN.encode()) + _encode_varint(_OPSET_VERSION << 3) + _encode_varint(1)
