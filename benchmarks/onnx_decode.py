@@ -74,9 +74,10 @@ def build(path: str, shape: str, layers: int | None, bits: int, block: int, lm_h
 def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for ``new`` tokens) through a KVDecoder."""
     from edgelmm.backend_onnx import KVDecoder
+    from edgelmm.onnx_config import prefill_chunk
 
     rng = np.random.default_rng(1)
-    dec = KVDecoder(session, cfg, np.float32, context)
+    dec = KVDecoder(session, cfg, np.float32, context, chunk=prefill_chunk())
     embeds = rng.standard_normal((1, prompt, cfg.hidden_size)).astype(np.float32)
     t0 = time.perf_counter()
     logits = dec.run(embeds, prompt)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import ort_ops
 from .errors import ConfigError
-from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig
+from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig, prefill_chunk
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _CACHE_TYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # the cache's graph input type: dtype
@@ -83,11 +83,12 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
 
 class KVDecoder:
     """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
-    past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask."""
+    past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask.
+    Prompts longer than ``chunk`` tokens (0: no limit) run in equal chunks (``onnx_config.prefill_chunk``)."""
 
-    def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu"):
+    def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu", chunk: int = 0):
         ort = _ort()
-        self.session, self.max_seq_len, self.device_type = session, max_seq_len, device_type
+        self.session, self.max_seq_len, self.device_type, self.chunk = session, max_seq_len, device_type, chunk
         types = {i.name: i.type for i in session.get_inputs()}  # fp16 or int8 caches on edgelmm's attention op
 
         def cache(name):
@@ -113,6 +114,13 @@ class KVDecoder:
         hold positions 0..total-S-1. Returns the last position's logits [V] as float32."""
         if total > self.max_seq_len:
             raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
+        seq = embeds.shape[1] if isinstance(embeds, np.ndarray) else embeds.shape()[1]
+        if self.chunk and seq > self.chunk:
+            embeds = embeds if isinstance(embeds, np.ndarray) else embeds.numpy()
+            size = -(-seq // -(-seq // self.chunk))  # equal chunks of at most self.chunk
+            for end in range(size, seq + size, size):
+                logits = self.run(embeds[:, end - size:min(end, seq)], total - seq + min(end, seq))
+            return logits
         if isinstance(embeds, np.ndarray):
             self.binding.bind_cpu_input("inputs_embeds", embeds)
         else:
@@ -133,7 +141,7 @@ class OnnxBackend:
         self.device_type, self.max_seq_len = device_type, max_seq_len
         t = self.spec.text
         self.dtype = _NP[config.io_dtype]
-        self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type)
+        self.decoder = KVDecoder(sessions["decoder"], t, self.dtype, max_seq_len, device_type, prefill_chunk())
         self.no_image = np.zeros((1, 1, t.hidden_size), self.dtype)  # image_features for text-only steps
         self.image_ids = np.array(config.image_token_ids, np.int64)
 

@@ -30,11 +30,12 @@ row of ``image_features [B, N, D]`` (flattened), in order; other ids take their 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import TextConfig, VisionConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .image import ImageSpec
 from .spec import IMAGE_PLACEHOLDER, ModelSpec
 from .tinygptv_config import TINYGPTV_FAMILY, EvaConfig, QFormerConfig, TinyGPTVSpec, VisualConfig
@@ -43,6 +44,16 @@ CONFIG_NAME = "genai_config.json"
 VISION_FILE, EMBEDDING_FILE, DECODER_FILE = "vision.onnx", "embedding.onnx", "decoder.onnx"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+
+
+def prefill_chunk() -> int:
+    """Most prompt tokens per decoder run, ``EDGELMM_PREFILL_CHUNK`` (default 1024; 0: a whole prompt at once).
+    Longer prompts run in equal chunks, each attending to the cache the ones before wrote: the prefill's
+    activation memory stops growing with the prompt, at a few percent of its speed per extra chunk."""
+    value = os.environ.get("EDGELMM_PREFILL_CHUNK", "1024").strip()
+    if not value.isdigit():
+        raise ConfigError(f"EDGELMM_PREFILL_CHUNK must be a token count (0: no chunks), got {value!r}")
+    return int(value)
 
 
 def spec_to_dict(spec: ModelSpec | TinyGPTVSpec) -> dict:

@@ -3,6 +3,7 @@ context, and whether that fits a memory budget. Parameter shapes come from the m
 device (no memory used), so the plan covers every family the runtime loads."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -174,7 +175,6 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
     folder = Path(source).expanduser()
     if is_onnx_export(folder):  # torch-free, like the backend that runs it
         return plan_onnx_export(folder, settings.context, budget, settings.overhead)
-    import dataclasses
     import json
 
     import torch
@@ -249,7 +249,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     them as written), the KV cache for ``context`` positions (default: the export's context) in the export's
     I/O dtype, or as ``EDGELMM_ONNX_KV`` says on edgelmm's CPU attention op, image features and activations."""
     from . import ort_ops
-    from .onnx_config import OnnxConfig
+    from .onnx_config import OnnxConfig, prefill_chunk
 
     cfg = OnnxConfig.read(folder)
     spec, text = cfg.spec, cfg.spec.text
@@ -268,11 +268,13 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
     settings = PlanSettings(context=context, dtype_bytes=io_bytes)
     prompt = _prompt_tokens(image_tokens, settings)
+    chunk = min(prompt, prefill_chunk() or prompt)  # the prompt tokens one decoder run holds activations for
     # + onnxruntime's GroupQueryAttention probabilities on CPU: every head's prompt rows against the whole
     # shared KV buffer (edgelmm's op keeps none); x2: onnxruntime's CPU arena grows in powers of two and keeps
     # what it reserved
-    scores = 0 if cpu_ops else text.num_heads * prompt * context * io_bytes
-    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), settings) + scores)
+    scores = 0 if cpu_ops else text.num_heads * chunk * context * io_bytes
+    chunked = dataclasses.replace(settings, context=chunk)
+    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), chunked) + scores)
     if overhead:
         plan.parts["runtime overhead"] = overhead
     q = cfg.quantization
@@ -281,7 +283,8 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
         "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
         "kv cache": f"{cache + (' + a scale per row' if cache == 'int8' else '')}, {context} tokens",
         "image features": f"{image_tokens} tokens",
-        "activations": f"prefill of {prompt} tokens, x2 for the arena" + (
-            f", incl. attention scores (+{2 * scores / max(prompt, 1) / 1e6:.2f} MB per longer prompt token)"
+        "activations": f"prefill of {prompt} tokens" + (f" in chunks of {chunk}" if chunk < prompt else "")
+                       + ", x2 for the arena" + (
+            f", incl. attention scores (+{2 * scores / max(chunk, 1) / 1e6:.2f} MB per longer prompt token)"
             if scores else " (edgelmm's attention keeps no score matrix)")})
     return plan

@@ -29,6 +29,7 @@ from edgelmm.manifest import read_manifest
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
 from edgelmm.onnx_config import CONFIG_NAME
+from edgelmm.plan import plan_onnx_export
 from edgelmm.shapes import TINY
 
 CASES = ([(f, "old", "phi") for f in ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")]
@@ -87,6 +88,31 @@ def test_unquantized_export_logits_match_torch(exports, family, layout, llm):
         scale = np.abs(theirs).max()
         assert np.abs(ours - theirs).max() / scale < 1e-4, position
         ours, theirs = model.backend.decode(token, position), ref.backend.decode(token, position)
+
+
+@pytest.mark.parametrize("llm", ["phi", "llama"])
+def test_chunked_prefill_matches_torch(exports, monkeypatch, llm):
+    """EDGELMM_PREFILL_CHUNK=7 runs the prompt as equal decoder runs of at most 7 tokens over the growing cache:
+    the logits of torch's one-pass prefill to 1e-4, then the same cached decode steps; the memory plan counts
+    one chunk's activations."""
+    out, ref = exports("tinyllava", "old", llm, 16)
+    whole = plan_onnx_export(out).parts["activations"]
+    monkeypatch.setenv("EDGELMM_PREFILL_CHUNK", "7")
+    assert plan_onnx_export(out).parts["activations"] < whole
+    model = EdgeLMM.load(out)
+    image = sample_image()
+    _, ids = model.prompt_ids(QUESTION)
+    assert len(ids) > 3 * 7
+    features = model.backend.encode_image(model.pixels(image))
+    ours = model.backend.prefill(ids, features)
+    theirs = ref.backend.prefill(ids, ref.backend.encode_image(ref.pixels(image)))
+    token = int(theirs.argmax())
+    for position in (len(ids), len(ids) + 1):
+        assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4, position
+        ours, theirs = model.backend.decode(token, position), ref.backend.decode(token, position)
+    monkeypatch.setenv("EDGELMM_PREFILL_CHUNK", "seven")
+    with pytest.raises(ConfigError, match="EDGELMM_PREFILL_CHUNK"):
+        EdgeLMM.load(out)
 
 
 @pytest.mark.parametrize("family,layout,llm", CASES)
