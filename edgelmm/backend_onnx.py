@@ -5,7 +5,8 @@ torch.
 The KV cache is one preallocated OrtValue per layer and per K/V, of the whole context's length, bound both
 as the decoder's ``past_key_values.i.*`` input and as its ``present.i.*`` output, so GroupQueryAttention
 appends to it in place (past/present buffer sharing) and no step copies the cache. Logits go to a
-preallocated output; on CUDA the embeddings stay on the device between the embedding and decoder runs.
+preallocated output; on CUDA the embeddings stay on the device between the embedding and decoder runs
+(a prompt longer than ``EDGELMM_PREFILL_CHUNK`` is split on the host).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
 def decoder_session(path: Path, providers: list[str], threads: int | None = None,
                     profile_prefix: str | None = None, edgelmm_ops: bool = False):
     """(the decoder's InferenceSession, whether edgelmm's kernels run in it). With ``edgelmm_ops`` (an fp32 CPU
-    export where edgelmm.ort_ops applies) its 4-bit int8-compute MatMulNBits and its GroupQueryAttention nodes
+    export where edgelmm.ort_ops applies) its 4/8-bit int8-compute MatMulNBits and GroupQueryAttention nodes
     run on edgelmm's kernels instead of onnxruntime's, the KV cache as ``EDGELMM_ONNX_KV`` says (fp16 by
     default; ``ort_ops.kv_cache``); any failure to set that up falls back to onnxruntime's kernels with a note
     on stderr."""

@@ -51,7 +51,7 @@ def prefill_chunk() -> int:
     Longer prompts run in equal chunks, each attending to the cache the ones before wrote: the prefill's
     activation memory stops growing with the prompt, at a few percent of its speed per extra chunk."""
     value = os.environ.get("EDGELMM_PREFILL_CHUNK", "1024").strip()
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ConfigError(f"EDGELMM_PREFILL_CHUNK must be a token count (0: no chunks), got {value!r}")
     return int(value)
 

@@ -3,10 +3,9 @@ context, and whether that fits a memory budget. Parameter shapes come from the m
 device (no memory used), so the plan covers every family the runtime loads."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError, MemoryBudgetError
@@ -194,7 +193,7 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
         cfg = json.loads((folder / "config.json").read_text())
         quant = cfg.get("quantization_config") or {}
         if quant.get("quant_method") == "gptq":
-            settings = dataclasses.replace(settings, bits=quant["bits"], group_size=quant["group_size"])
+            settings = replace(settings, bits=quant["bits"], group_size=quant["group_size"])
     else:
         raise ConfigError(f"{source!r} is neither a checkpoint folder nor a known shape "
                           f"({', '.join(sorted(set(SHAPE_ALIASES.values())))})")
@@ -273,7 +272,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     # shared KV buffer (edgelmm's op keeps none); x2: onnxruntime's CPU arena grows in powers of two and keeps
     # what it reserved
     scores = 0 if cpu_ops else text.num_heads * chunk * context * io_bytes
-    chunked = dataclasses.replace(settings, context=chunk)
+    chunked = replace(settings, context=chunk)
     plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), chunked) + scores)
     if overhead:
         plan.parts["runtime overhead"] = overhead

@@ -100,6 +100,7 @@ def test_chunked_prefill_matches_torch(exports, monkeypatch, llm):
     monkeypatch.setenv("EDGELMM_PREFILL_CHUNK", "7")
     assert plan_onnx_export(out).parts["activations"] < whole
     model = EdgeLMM.load(out)
+    assert model.backend.decoder.chunk == 7
     image = sample_image()
     _, ids = model.prompt_ids(QUESTION)
     assert len(ids) > 3 * 7

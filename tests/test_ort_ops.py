@@ -114,6 +114,9 @@ def test_rewrite_moves_only_eligible_nodes():
             parsed.graph.node[0].domain = "com.microsoft"
             del parsed.opset_import[-1]
         assert parsed == model
+    deep = _node_model("com.microsoft", [1, 4096], 32, 4096, 4096, *_weights(rng, 32, 4096, 4096, False, 8)[:2],
+                       None, None, bits=8)
+    assert ort_ops.rewrite_model(deep.SerializeToString())[1] == 0  # an 8-bit block deeper than a GEMM panel
     for bits, moved in ((8, 1), (2, 0)):
         other = _node_model("com.microsoft", [1, 128], 32, 128, 32, packed, scales, None, None)
         next(a for a in other.graph.node[0].attribute if a.name == "bits").i = bits
@@ -201,38 +204,43 @@ def test_plan_counts_the_cache_the_runtime_allocates(tiny_checkpoint, tmp_path, 
         EdgeLMM.load(out)
 
 
-def _gelu_model(rows, k, n, block, bits, extra_use=False) -> onnx.ModelProto:
-    """MatMulNBits (with bias) -> com.microsoft FastGelu, as the exporter writes Phi's fc1; ``extra_use``: the
-    matmul's output is also a graph output."""
+def _gelu_model(rows, k, n, block, bits, extra_use=None) -> onnx.ModelProto:
+    """MatMulNBits (with bias) -> com.microsoft FastGelu, as the exporter writes Phi's fc1; ``extra_use``
+    "output": the matmul's output is also a graph output, "node": another node reads it too."""
     rng = np.random.default_rng(rows + bits)
     packed, scales, zp, _ = _weights(rng, n, k, block, True, bits)
     model = _node_model("com.microsoft", [1, rows, k], n, k, block, packed, scales, zp,
                         rng.standard_normal(n).astype(np.float32), bits=bits)
-    next(a for a in model.graph.node[0].attribute if a.name == "bits").i = bits
     model.graph.node.append(helper.make_node("FastGelu", ["y"], ["act"], domain="com.microsoft"))
     del model.graph.output[:]
     model.graph.output.extend([helper.make_tensor_value_info("act", TensorProto.FLOAT, None)])
-    if extra_use:
+    if extra_use == "output":
         model.graph.output.extend([helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    elif extra_use == "node":
+        model.graph.node.append(helper.make_node("Relu", ["y"], ["relu"]))
+        model.graph.output.extend([helper.make_tensor_value_info("relu", TensorProto.FLOAT, None)])
     return model
 
 
 @needs_ops
-@pytest.mark.parametrize("bits,rows", [(4, 1), (4, 70), (8, 1), (8, 5)])
-def test_fastgelu_fused_into_the_matmul(bits, rows):
+@pytest.mark.parametrize("bits,rows,k", [(4, 1, 256), (4, 70, 256), (8, 1, 256), (8, 5, 256),
+                                         (4, 5, 5120), (8, 4, 2560)])  # the last two: K in two chunks
+def test_fastgelu_fused_into_the_matmul(bits, rows, k):
     """The rewrite fuses MatMulNBits -> FastGelu into one op (Phi's fc1); its output matches onnxruntime's two
-    nodes (GEMV and GEMM, both tails of the activation); a matmul output used elsewhere is not fused."""
-    model = _gelu_model(rows, 256, 100, 32, bits)
+    nodes (GEMV and GEMM, both tails of the activation, applied once after the last K chunk); a matmul output
+    used elsewhere is not fused."""
+    model = _gelu_model(rows, k, 100, 32, bits)
     rewritten, moved = ort_ops.rewrite_model(model.SerializeToString())
     parsed = onnx.load_from_string(rewritten)
     assert moved == 1 and [n.op_type for n in parsed.graph.node] == ["MatMulNBits"]
     assert parsed.graph.node[0].output == ["act"]
     assert helper.get_attribute_value(next(a for a in parsed.graph.node[0].attribute if a.name == "gelu_tanh")) == 1
-    x = np.random.default_rng(3).standard_normal((1, rows, 256)).astype(np.float32) * 3  # gelu's two tails
+    x = np.random.default_rng(3).standard_normal((1, rows, k)).astype(np.float32) * 3  # gelu's two tails
     ours = _run(rewritten, x, custom=True)
     theirs = _run(model.SerializeToString(), x, custom=False)
     assert (theirs < -1e-3).any() and (theirs > 1).any()
     assert np.abs(ours - theirs).max() < 1e-5 * np.abs(theirs).max()
-    kept = onnx.load_from_string(ort_ops.rewrite_model(_gelu_model(rows, 256, 100, 32, bits, True)
-                                                       .SerializeToString())[0])
-    assert [n.op_type for n in kept.graph.node] == ["MatMulNBits", "FastGelu"]
+    for use in ("output", "node"):
+        kept = onnx.load_from_string(ort_ops.rewrite_model(_gelu_model(rows, k, 100, 32, bits, use)
+                                                           .SerializeToString())[0])
+        assert [n.op_type for n in kept.graph.node][:2] == ["MatMulNBits", "FastGelu"], use

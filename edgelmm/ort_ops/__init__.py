@@ -1,6 +1,6 @@
 """edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4- and 8-bit, int8 compute) on an
-AVX512-VNNI int4/int8 x int8 GEMM/GEMV, and ``GroupQueryAttention`` as causal block attention over an fp16 (or fp32)
-KV cache.
+AVX512-VNNI int4/int8 x int8 GEMM/GEMV (Phi's following FastGelu fused in), and ``GroupQueryAttention`` as causal
+block attention over an fp16, fp32 or int8 KV cache.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
 length; nbits_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
@@ -14,8 +14,8 @@ bytes per decode step.
 The library is compiled once, on first use, with the system C compiler into ``cache_root()/ort_ops`` and
 used only for fp32 CPU exports on x86-64 Linux CPUs with AVX512-VNNI; ``EDGELMM_ORT_OPS=0`` turns it off,
 ``EDGELMM_ONNX_KV`` picks the cache: ``float16`` (default), ``float32`` (the export's), or ``int8`` (each
-cached row quantized with its own scale: half the fp16 cache's memory, logits within ~1e-2). Without the ops the
-decoder runs onnxruntime's own kernels with the export's fp32 cache.
+cached row quantized with its own scale: about half the fp16 cache's memory, a somewhat larger logit error; see
+the README). Without the ops the decoder runs onnxruntime's own kernels with the export's fp32 cache.
 """
 from __future__ import annotations
 

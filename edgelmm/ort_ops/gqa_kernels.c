@@ -41,8 +41,10 @@ void gqa_store_row(void *cache, size_t row, const float *x, int n, int format) {
     float amax = 0.f;
     if (format == CACHE_INT8) {
         __m512 mx = _mm512_setzero_ps();
-        for (int d = 0; d < n; d += 16)
-            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1), x + d)));
+        for (int d = 0; d < n; d += 16) {
+            const __mmask16 m = n - d >= 16 ? 0xFFFF : (__mmask16)((1u << (n - d)) - 1);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + d)));
+        }
         amax = _mm512_reduce_max_ps(mx);
         const float scale = amax / 127.f;
         memcpy(r + n, &scale, sizeof scale);

@@ -23,6 +23,8 @@ static int cache_format(const OrtCustomOp *op) {
            : op == &group_query_attention_int8_cache_op ? CACHE_INT8 : CACHE_FP32;
 }
 
+static int format_type(int format) { return format == CACHE_FP16 ? T_FLOAT16 : format == CACHE_INT8 ? T_INT8 : T_FLOAT; }
+
 static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)api;
     const int64_t heads = op_attr_int(info, "num_heads", 0), kv_heads = op_attr_int(info, "kv_num_heads", 0);
@@ -99,7 +101,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     int64_t qd[8], kd[8], vd[8], pkd[8], pvd[8], cd[8], sd[8];
     size_t qr = 0, kr = 0, vr = 0, pkr = 0, pvr = 0, cr = 0, sr = 0;
     void *q, *k, *v, *pk, *pv, *seqlens, *total, *cos, *sin;
-    const int cache_type = node->format == CACHE_FP16 ? T_FLOAT16 : node->format == CACHE_INT8 ? T_INT8 : T_FLOAT;
+    const int cache_type = format_type(node->format);
     CHECK(op_input(ctx, 0, T_FLOAT, &q, qd, &qr));
     CHECK(op_input(ctx, 1, T_FLOAT, &k, kd, &kr));
     CHECK(op_input(ctx, 2, T_FLOAT, &v, vd, &vr));
@@ -155,16 +157,13 @@ static void destroy(void *kernel) { free(kernel); }
 static const char *name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
 static const char *half_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionHalfCache"; }
 static const char *int8_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionInt8Cache"; }
-static int cache_type(const OrtCustomOp *op) {
-    return cache_format(op) == CACHE_FP16 ? T_FLOAT16 : cache_format(op) == CACHE_INT8 ? T_INT8 : T_FLOAT;
-}
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp *op, size_t i) {
-    return i == 5 || i == 6 ? T_INT32 : i == 3 || i == 4 ? cache_type(op) : T_FLOAT;
+    return i == 5 || i == 6 ? T_INT32 : i == 3 || i == 4 ? format_type(cache_format(op)) : T_FLOAT;
 }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
 static int output_type(const OrtCustomOp *op, size_t i) {
-    return i ? cache_type(op) : T_FLOAT;
+    return i ? format_type(cache_format(op)) : T_FLOAT;
 }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 || i == 5 || i == 6 ? REQUIRED : OPTIONAL; }

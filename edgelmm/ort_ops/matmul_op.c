@@ -17,8 +17,8 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
     const int64_t K = op_attr_int(info, "K", 0), N = op_attr_int(info, "N", 0), bits = op_attr_int(info, "bits", 0);
     const int64_t bs = op_attr_int(info, "block_size", 0);
     if (bits != 4 && bits != 8) return op_error("edgelmm.MatMulNBits: bits must be 4 or 8");
-    if (bs < 16 || bs > 4096 || (bs & (bs - 1)) || K < bs || K % bs)
-        return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 dividing K");
+    if (bs < 16 || bs > (bits == 4 ? 4096 : 2048) || (bs & (bs - 1)) || K < bs || K % bs)  /* a block fits a panel */
+        return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 (8-bit: 2048) dividing K");
     if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm.MatMulNBits: K and N must be 1 .. 2^24");
     Node *node = malloc(sizeof *node);
     if (!node) return op_error("edgelmm.MatMulNBits: out of memory");

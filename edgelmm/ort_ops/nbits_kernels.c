@@ -63,11 +63,11 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
     for (int i = 0; i < kc / 8 * (bits / 4); i++)
         _mm512_storeu_si512(panel + (size_t)i * 64,
                             _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, base + i * 4, 1));
-
 }
 
 /* C rows [0, mr) x the tile's NB*16 columns (those below n_end) over k in [k0, k0+kc): accumulate into C
-   (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB packed sub-panels of panel_stride bytes; ws/zs: [block][NB*16] floats. */
+   (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB packed sub-panels of
+   panel_stride bytes; ws/zs: [block][NB*16] floats. */
 static inline __attribute__((always_inline)) void micro(
         const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
         const uint8_t *panel, size_t panel_stride, const float *ws, const float *zs, const float *bias, int n_end,
@@ -200,7 +200,8 @@ static inline __attribute__((always_inline)) __m512 lane_values(const float *v, 
                                                                 int full, __m512i lane_block) {
     if (per_chunk == 1) return _mm512_set1_ps(v[b0]);
     if (!full) return _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps((__mmask16)((1u << nblk) - 1), v + b0));
-    if (per_chunk == 2) return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(v + b0)))));
+    if (per_chunk == 2)
+        return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(v + b0)))));
     if (per_chunk == 4) return _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(v + b0)));
     return _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(_mm256_loadu_ps(v + b0)));  /* 8 */
 }
@@ -228,7 +229,7 @@ static inline __attribute__((always_inline)) void gemv_bs(
         _Pragma("GCC unroll 4") for (int j = 0; j < GEMV_COLS; j++) acc[j] = _mm512_setzero_ps();
         for (int c = 0; c < chunks; c++) {
             const int8_t *a = ag + (size_t)c * 128;
-            const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 64);
+            const __m512i a0 = _mm512_loadu_si512(a), a1 = bits == 4 ? _mm512_loadu_si512(a + 64) : a0;
             const __m512 lsc = _mm512_loadu_ps(lane_scale + c * 16), lzs = _mm512_loadu_ps(lane_zsum + c * 16);
             const int b0 = c * ck / bs, full = c + 1 < chunks || tail_bytes == 64;
             const int nblk = kb - b0 < per_chunk ? kb - b0 : per_chunk;
@@ -239,8 +240,9 @@ static inline __attribute__((always_inline)) void gemv_bs(
                     const __m512i v = full ? _mm512_loadu_si512(b) : _mm512_maskz_loadu_epi8(tail, b);
                     __m512i dot;
                     if (bits == 4)
-                        dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), a0),
-                                                  _mm512_and_si512(_mm512_srli_epi16(v, 4), low), a1);
+                        dot = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low), a0),
+                            _mm512_and_si512(_mm512_srli_epi16(v, 4), low), a1);
                     else
                         dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, a0);
                     const __m512 w = lane_values(scales + (size_t)(n + j) * kb, b0, nblk, per_chunk, full, lane_block);

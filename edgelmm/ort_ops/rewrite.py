@@ -4,7 +4,7 @@ The graph is re-encoded at the protobuf wire level (onnx.proto field numbers): e
 is except, for each eligible node, its ``domain`` (``com.microsoft`` → ``edgelmm``), and the model gains an
 opset import for ``edgelmm``. External-data initializers stay references. Eligible:
 - ``MatMulNBits``: 4- or 8-bit, ``accuracy_level`` 4 (int8 compute: the numerics edgelmm's kernel reproduces), a
-  block size dividing K, no ``g_idx``;
+  block size dividing K (up to 4096, 8-bit 2048), no ``g_idx``;
 - ``GroupQueryAttention``: no inputs past the rotary caches (position ids, attention bias, head sink), no
   softcap, sliding window, smooth softmax, interleaved rotary or qk output. By default it becomes
   ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
@@ -118,7 +118,8 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
         return False
     if op_type == "MatMulNBits":
         k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
-        return (attrs.get("bits") in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096)
+        bits = attrs.get("bits")
+        return (bits in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096 if bits == 4 else 2048)
                 and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
                 and not any(inputs[4:5]))  # as matmul_op.c's create() requires
     if op_type == "GroupQueryAttention":
@@ -161,6 +162,8 @@ def _gelu_fusions(nodes: list[tuple], graph_outputs: set[str]) -> dict[int, int]
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
     """A TensorShapeProto with its last dimension replaced by the symbol ``name``."""
     dims = [(f, raw) for f, _, _, raw in _fields(shape)]
+    if not any(f == _SHAPE_DIM for f, _ in dims):  # a scalar shape: nothing to change
+        return shape
     last = max(i for i, (f, _) in enumerate(dims) if f == _SHAPE_DIM)
     dims[last] = (_SHAPE_DIM, _len_field(_SHAPE_DIM, _len_field(_DIM_PARAM, name.encode())))
     return b"".join(raw for _, raw in dims)
@@ -204,9 +207,10 @@ def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
             order = list(nodes)
             fusions = {order[m]: order[g] for m, g in _gelu_fusions([nodes[i] for i in order], outputs).items()}
             fused_away = set(fusions.values())
+            gone = {nodes[m][3][0] for m in fusions}  # the matmul outputs the fusion removes
             kept = []
             for i, (g_field, g_wire, g_value, g_raw) in enumerate(graph):
-                if i in fused_away:
+                if i in fused_away or (g_field == _GRAPH_VALUE_INFOS[2] and _value_name(g_value) in gone):
                     continue
                 if i in nodes:
                     op_type, domain, inputs, outs, attrs = nodes[i]
