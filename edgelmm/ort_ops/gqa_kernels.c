@@ -90,13 +90,13 @@ static inline __m512 lane_sums(const __m512 v[KEYS]) {
 
 typedef struct { float max, sum; } Softmax;
 
-/* The online-softmax update of one row by n (1 or 2) zmm of scores, the first `valid` of them live: the row's
+/* The online-softmax update of one row by n (1 to 4) zmm of scores, the first `valid` of them live: the row's
    max and sum move on, p gets e^(s - max) (0 where masked); returns alpha, the factor for what the row has
    accumulated so far. */
 static inline __attribute__((always_inline)) float softmax_update(Softmax *st, const __m512 *s, const int n, int valid,
                                                                   float *p) {
-    __m512 scores[2], top = _mm512_set1_ps(-INFINITY);
-    __mmask16 live[2];
+    __m512 scores[4], top = _mm512_set1_ps(-INFINITY);
+    __mmask16 live[4];
     for (int i = 0; i < n; i++) {
         const int left = valid - 16 * i;
         live[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
@@ -186,8 +186,9 @@ static inline void transpose16(__m512 r[16]) {
 }
 
 #define BLOCK_ROWS 64   /* query rows sharing each transposed key block */
-#define BLOCK_KEYS 32   /* keys per prefill step: two zmm of scores per row */
-#define GROUP_ROWS 4    /* rows computed together: 8 score and 4 x head_dim/16 output accumulators */
+#define BLOCK_KEYS 64   /* keys per prefill step (measured best of 32/48/64) */
+#define SCORE_VECS (BLOCK_KEYS / 16)  /* zmm of scores per row */
+#define GROUP_ROWS 4    /* rows computed together: 16 score and 4 x up to 8 output accumulators */
 
 /* kt [head_dim][BLOCK_KEYS] <- the nk keys from cache row `row0`, zero past nk. */
 static inline __attribute__((always_inline)) void transpose_keys(const void *keys, size_t row0, int nk,
@@ -213,14 +214,15 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
                                                                  Softmax *st, float *o, const int format) {
     const int vecs = (head_dim + 15) / 16;
     const __mmask16 tail = head_dim % 16 ? (__mmask16)((1u << (head_dim % 16)) - 1) : 0xFFFF;
-    __m512 s[GROUP_ROWS][2];
-    for (int i = 0; i < GROUP_ROWS; i++) s[i][0] = s[i][1] = _mm512_setzero_ps();
+    __m512 s[GROUP_ROWS][SCORE_VECS];
+    for (int i = 0; i < GROUP_ROWS; i++)
+        for (int c = 0; c < SCORE_VECS; c++) s[i][c] = _mm512_setzero_ps();
     for (int d = 0; d < head_dim; d++) {
-        const __m512 k0 = _mm512_load_ps(kt + d * BLOCK_KEYS), k1 = _mm512_load_ps(kt + d * BLOCK_KEYS + 16);
+        __m512 k[SCORE_VECS];
+        for (int c = 0; c < SCORE_VECS; c++) k[c] = _mm512_load_ps(kt + d * BLOCK_KEYS + 16 * c);
         for (int i = 0; i < GROUP_ROWS; i++) {
             const __m512 b = _mm512_set1_ps(i < live ? q[(size_t)i * head_dim + d] : 0.f);
-            s[i][0] = _mm512_fmadd_ps(b, k0, s[i][0]);
-            s[i][1] = _mm512_fmadd_ps(b, k1, s[i][1]);
+            for (int c = 0; c < SCORE_VECS; c++) s[i][c] = _mm512_fmadd_ps(b, k[c], s[i][c]);
         }
     }
     float p[GROUP_ROWS][BLOCK_KEYS] __attribute__((aligned(64))), alpha[GROUP_ROWS];
@@ -232,22 +234,32 @@ static inline __attribute__((always_inline)) void prefill_group(int live, int fi
             memset(p[i], 0, sizeof p[i]);
             continue;
         }
-        alpha[i] = softmax_update(&st[i], s[i], 2, valid, p[i]);
+        alpha[i] = softmax_update(&st[i], s[i], SCORE_VECS, valid, p[i]);
     }
-    __m512 acc[GROUP_ROWS][MAX_HEAD_DIM / 16];
-    for (int i = 0; i < GROUP_ROWS; i++)
-        for (int v = 0; v < vecs; v++)
-            acc[i][v] = i < live ? _mm512_mul_ps(_mm512_maskz_loadu_ps(v + 1 < vecs ? 0xFFFF : tail, o + (size_t)i * head_dim + v * 16),
-                                                 _mm512_set1_ps(alpha[i])) : _mm512_setzero_ps();
-    for (int t = 0; t < nk; t++) {
-        for (int v = 0; v < vecs; v++) {
-            const __m512 x = load16(values, (size_t)j0 + t, v * 16, v + 1 < vecs ? 0xFFFF : tail, head_dim, format);
-            for (int i = 0; i < GROUP_ROWS; i++) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][t]), x, acc[i][v]);
-        }
+    /* Up to 8 x 16 dims per pass over the keys (4 when the head is wider), every accumulator in a register:
+       constant indices only (a loop bounded by `live` makes GCC keep the array in memory, a store per FMA). */
+    const int chunk = vecs <= 8 ? vecs : 4;
+    for (int v0 = 0; v0 < vecs; v0 += chunk) {
+        __m512 acc[GROUP_ROWS][8];
+        for (int i = 0; i < GROUP_ROWS; i++)
+            for (int v = 0; v < chunk; v++) {
+                const __mmask16 m = v0 + v + 1 < vecs ? 0xFFFF : tail;
+                acc[i][v] = i < live && v0 + v < vecs
+                    ? _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + (size_t)i * head_dim + (v0 + v) * 16), _mm512_set1_ps(alpha[i]))
+                    : _mm512_setzero_ps();
+            }
+        for (int t = 0; t < nk; t++)
+            for (int v = 0; v < chunk && v0 + v < vecs; v++) {
+                const __mmask16 m = v0 + v + 1 < vecs ? 0xFFFF : tail;
+                const __m512 x = load16(values, (size_t)j0 + t, (v0 + v) * 16, m, head_dim, format);
+                for (int i = 0; i < GROUP_ROWS; i++) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][t]), x, acc[i][v]);
+            }
+        for (int i = 0; i < GROUP_ROWS; i++)
+            if (i < live)
+                for (int v = 0; v < chunk && v0 + v < vecs; v++)
+                    _mm512_mask_storeu_ps(o + (size_t)i * head_dim + (v0 + v) * 16, v0 + v + 1 < vecs ? 0xFFFF : tail,
+                                          acc[i][v]);
     }
-    for (int i = 0; i < live && i < GROUP_ROWS; i++)
-        for (int v = 0; v < vecs; v++)
-            _mm512_mask_storeu_ps(o + (size_t)i * head_dim + v * 16, v + 1 < vecs ? 0xFFFF : tail, acc[i][v]);
 }
 
 static inline __attribute__((always_inline)) void attend(int rows, int first_pos, const int head_dim, const float *q,
