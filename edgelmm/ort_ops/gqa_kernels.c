@@ -161,30 +161,6 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
     for (int d = 0; d < head_dim; d++) out[d] = o[d] * inv;
 }
 
-/* 16 x 16 floats transposed in registers: r[i] lane j <- r[j] lane i. */
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)  /* r[i + e]: element e of each 128-bit lane, rows i..i+3 */
-        for (int j = 0; j < 2; j++) {
-            const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
-            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-        }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-        }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-    }
-}
-
 #define BLOCK_ROWS 64   /* query rows sharing each transposed key block */
 #define BLOCK_KEYS 64   /* keys per prefill step (measured best of 32/48/64) */
 #define SCORE_VECS (BLOCK_KEYS / 16)  /* zmm of scores per row */
