@@ -88,9 +88,9 @@ def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float
     return t1 - t0, time.perf_counter() - t1
 
 
-def profile_summary(path: str, skip: int, top: int = 12) -> dict:
-    """Per-op-type milliseconds in the first model run after ``skip`` warm-up runs (prefill) and the later
-    ones (decode, per step)."""
+def profile_summary(path: str, skip: int, prefill_runs: int = 1, top: int = 12) -> dict:
+    """Per-op-type milliseconds in the ``prefill_runs`` model runs after ``skip`` warm-up runs (the prefill, in
+    chunks when ``EDGELMM_PREFILL_CHUNK`` splits it) and the later ones (decode, per step)."""
     events = json.loads(Path(path).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     warm_end = runs[skip - 1][1] if skip else -1
@@ -99,9 +99,9 @@ def profile_summary(path: str, skip: int, top: int = 12) -> dict:
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] <= warm_end:
             continue
-        phase = "prefill" if runs and e["ts"] < runs[0][1] else "decode"
+        phase = "prefill" if runs and e["ts"] < runs[min(prefill_runs, len(runs)) - 1][1] else "decode"
         totals[phase][e["args"].get("op_name", "?")] += e["dur"] / 1000
-    steps = max(len(runs) - 1, 1)
+    steps = max(len(runs) - prefill_runs, 1)
     out = {}
     for phase, ops in totals.items():
         scale = 1 / steps if phase == "decode" else 1
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     from edgelmm import ort_ops
     from edgelmm.backend_onnx import decoder_session
     from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
+    from edgelmm.onnx_config import prefill_chunk
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
         session, _ = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"), edgelmm_ops)
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
         run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
-        result["profile"] = profile_summary(session.end_profiling(), skip=3)
+        chunk = prefill_chunk()
+        chunks = -(-args.prompt_tokens // chunk) if chunk else 1
+        result["profile"] = profile_summary(session.end_profiling(), skip=3, prefill_runs=chunks)
     print(json.dumps(result, indent=2))
     return result
 
