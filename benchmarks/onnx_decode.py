@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     from edgelmm import ort_ops
     from edgelmm.backend_onnx import decoder_session
     from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
-    from edgelmm.onnx_config import prefill_chunk
+    from edgelmm.onnx_config import chunk_bounds, prefill_chunk
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         session, _ = decoder_session(path, ["CPUExecutionProvider"], args.threads, str(folder / "profile"), edgelmm_ops)
         run(session, cfg, 8, 2, context)  # warm-up: 3 model runs, left out of the summary
         run(session, cfg, args.prompt_tokens, PROFILE_STEPS, context)
-        chunk = prefill_chunk()
-        chunks = -(-args.prompt_tokens // chunk) if chunk else 1
+        chunks = len(chunk_bounds(args.prompt_tokens, prefill_chunk()))
         result["profile"] = profile_summary(session.end_profiling(), skip=3, prefill_runs=chunks)
     print(json.dumps(result, indent=2))
     return result

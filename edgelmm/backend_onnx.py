@@ -18,10 +18,10 @@ import numpy as np
 
 from . import ort_ops
 from .errors import ConfigError
-from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig, prefill_chunk
+from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig, chunk_bounds, prefill_chunk
 
 _NP = {"float32": np.float32, "float16": np.float16}
-_CACHE_TYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}  # the cache's graph input type: dtype
+_CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 
 
 def _ort():
@@ -92,12 +92,10 @@ class KVDecoder:
         self.session, self.max_seq_len, self.device_type, self.chunk = session, max_seq_len, device_type, chunk
         types = {i.name: i.type for i in session.get_inputs()}  # fp16 or int8 caches on edgelmm's attention op
 
-        def cache(name):
-            row, cache_dtype = text.head_dim, _CACHE_TYPES.get(types.get(name), dtype)
-            if cache_dtype == np.int8:  # each row's values, then its fp32 scale
-                row += ort_ops.INT8_ROW_SCALE_BYTES
-            shape = [1, text.num_kv_heads, max_seq_len, row]
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, cache_dtype, device_type, 0)
+        def cache(name):  # in the dtype the graph declares (the export's own when it declares none)
+            cache_dtype = _CACHE_TYPES.get(types.get(name), np.dtype(dtype).name)
+            shape = [1, text.num_kv_heads, max_seq_len, ort_ops.cache_row_elements(text.head_dim, cache_dtype)]
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(cache_dtype), device_type, 0)
 
         self.kv = [(cache(PAST_KEY % i), cache(PAST_VALUE % i)) for i in range(text.num_layers)]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, text.vocab_size], dtype, "cpu", 0)
@@ -118,9 +116,8 @@ class KVDecoder:
         seq = embeds.shape[1] if isinstance(embeds, np.ndarray) else embeds.shape()[1]
         if self.chunk and seq > self.chunk:
             embeds = embeds if isinstance(embeds, np.ndarray) else embeds.numpy()
-            size = -(-seq // -(-seq // self.chunk))  # equal chunks of at most self.chunk
-            for end in range(size, seq + size, size):
-                logits = self.run(embeds[:, end - size:min(end, seq)], total - seq + min(end, seq))
+            for start, end in chunk_bounds(seq, self.chunk):
+                logits = self.run(embeds[:, start:end], total - seq + end)
             return logits
         if isinstance(embeds, np.ndarray):
             self.binding.bind_cpu_input("inputs_embeds", embeds)

@@ -56,6 +56,13 @@ def prefill_chunk() -> int:
     return int(value)
 
 
+def chunk_bounds(seq: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of the equal decoder runs of at most ``chunk`` tokens (0: no limit) a ``seq``-token prompt
+    takes."""
+    size = -(-seq // -(-seq // chunk)) if chunk and seq > chunk else max(seq, 1)
+    return [(start, min(start + size, seq)) for start in range(0, seq, size)]
+
+
 def spec_to_dict(spec: ModelSpec | TinyGPTVSpec) -> dict:
     """The runtime-relevant part of a spec as JSON-ready data (no key rules, no vision folder)."""
     d = {"family": spec.family, "text": asdict(spec.text), "vision": asdict(spec.vision), "image": asdict(spec.image),

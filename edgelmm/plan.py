@@ -134,7 +134,7 @@ def plan_memory(model, image_tokens: int, vision: VisionSize, settings: PlanSett
     plan.parts["kv cache"] = kv_values * s.kv_bits // 8 + kv_scales
     plan.parts["rotary tables"] = 2 * text.max_position_embeddings * text.rotary_dim * 4  # fp32 cos and sin
     plan.parts["image features"] = image_tokens * text.hidden_size * s.dtype_bytes
-    plan.parts["activations"] = _workspace(text, image_tokens, vision, settings)
+    plan.parts["activations"] = _workspace(text, _prompt_tokens(image_tokens, s), vision, s.dtype_bytes)
     if s.overhead:
         plan.parts["runtime overhead"] = s.overhead
     plan.notes.update({
@@ -152,15 +152,14 @@ def _prompt_tokens(image_tokens: int, s: PlanSettings) -> int:
     return min(s.context, image_tokens + 128)
 
 
-def _workspace(text, image_tokens: int, vision: VisionSize, s: PlanSettings) -> int:
-    """Peak transient bytes: the larger of the vision encoder's and the prefill's live activations
+def _workspace(text, tokens: int, vision: VisionSize, dtype_bytes: int) -> int:
+    """Peak transient bytes: the larger of the vision encoder's and a ``tokens``-long prefill's live activations
     (residual stream, normed input and block output, plus the widest intermediate)."""
-    tokens = _prompt_tokens(image_tokens, s)
     gated = 2 if text.arch != "phi" else 1
     qkv = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
     prefill = tokens * (3 * text.hidden_size + max(gated * text.intermediate_size, qkv + text.hidden_size))
     encoder = vision.tokens * (3 * vision.hidden + max(vision.intermediate, 4 * vision.hidden))
-    return max(prefill, encoder) * s.dtype_bytes + text.vocab_size * 4  # + fp32 logits of the last position
+    return max(prefill, encoder) * dtype_bytes + text.vocab_size * 4  # + fp32 logits of the last position
 
 
 def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> MemoryPlan:
@@ -255,14 +254,13 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     io_bytes = 4 if cfg.io_dtype == "float32" else 2
     cpu_ops = ort_ops.applies(cfg.target, cfg.io_dtype)
     cache = ort_ops.kv_cache() if cpu_ops else cfg.io_dtype
-    row_bytes = {"float32": 4 * text.head_dim, "float16": 2 * text.head_dim,
-                 "int8": text.head_dim + ort_ops.INT8_ROW_SCALE_BYTES}[cache]
     context = min(context or cfg.context_length, cfg.context_length)
     plan = MemoryPlan(budget=budget)
     graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
     for part, graph in graphs:
         plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
-    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * row_bytes
+    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * ort_ops.cache_row_bytes(
+        text.head_dim, cache)
     image_tokens = spec.vision.num_image_tokens
     plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
     settings = PlanSettings(context=context, dtype_bytes=io_bytes)
@@ -272,8 +270,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     # shared KV buffer (edgelmm's op keeps none); x2: onnxruntime's CPU arena grows in powers of two and keeps
     # what it reserved
     scores = 0 if cpu_ops else text.num_heads * chunk * context * io_bytes
-    chunked = replace(settings, context=chunk)
-    plan.parts["activations"] = 2 * (_workspace(text, image_tokens, vision_size(spec.vision), chunked) + scores)
+    plan.parts["activations"] = 2 * (_workspace(text, chunk, vision_size(spec.vision), io_bytes) + scores)
     if overhead:
         plan.parts["runtime overhead"] = overhead
     q = cfg.quantization

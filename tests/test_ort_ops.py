@@ -196,8 +196,10 @@ def test_plan_counts_the_cache_the_runtime_allocates(tiny_checkpoint, tmp_path, 
                         for pair in model.backend.decoder.kv for v in pair)
         assert plan_onnx_export(out, context=96).parts["kv cache"] == allocated, cache
         sizes[cache] = allocated
-    text = model.spec.text
-    assert sizes["int8"] == 2 * text.num_layers * text.num_kv_heads * 96 * (text.head_dim + 4)
+    text = model.spec.text  # the plan and the runtime share ort_ops.cache_row_elements: each size by hand too
+    rows = 2 * text.num_layers * text.num_kv_heads * 96
+    assert sizes["int8"] == rows * (text.head_dim + 4)
+    assert sizes["float16"] == rows * text.head_dim * 2
     assert sizes["float32"] == 2 * sizes["float16"]
     monkeypatch.setenv("EDGELMM_ONNX_KV", "int4")
     with pytest.raises(ConfigError, match="EDGELMM_ONNX_KV"):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..paths import cache_root
-from .rewrite import CACHE_OPS, DOMAIN, INT8_ROW_SCALE_BYTES, rewrite_model
+from .rewrite import CACHE_OPS, DOMAIN, rewrite_model
 
 SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
 HEADERS = ("ort_api.h", "kernels.h", "vec_math.h")
@@ -39,7 +39,10 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mfma", "-mf16c")
 
-__all__ = ["DOMAIN", "INT8_ROW_SCALE_BYTES", "applies", "kv_cache", "library", "rewrite_model", "unavailable_reason"]
+__all__ = ["DOMAIN", "applies", "cache_row_bytes", "cache_row_elements", "kv_cache", "library", "rewrite_model",
+           "unavailable_reason"]
+_CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+INT8_ROW_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their fp32 scale
 _KV_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "i8": "int8"}
 
 
@@ -79,6 +82,17 @@ def kv_cache() -> str:
     if value not in CACHE_OPS:
         raise ConfigError(f"EDGELMM_ONNX_KV must be float16, float32 or int8, got {value!r}")
     return value
+
+
+def cache_row_elements(head_dim: int, cache: str) -> int:
+    """Elements of one cached key/value row of the ``cache`` dtype: int8 rows carry their fp32 scale after the
+    values (gqa_kernels.c ``cache_row_bytes``)."""
+    return head_dim + INT8_ROW_SCALE_BYTES if cache == "int8" else head_dim
+
+
+def cache_row_bytes(head_dim: int, cache: str) -> int:
+    """Bytes of one cached key/value row of the ``cache`` dtype."""
+    return cache_row_elements(head_dim, cache) * _CACHE_ELEMENT_BYTES[cache]
 
 
 def applies(target: str, io_dtype: str) -> bool:

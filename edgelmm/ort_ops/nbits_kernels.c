@@ -41,8 +41,11 @@ void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A
     }
 }
 
+/* The zero point of weights without zero points: 8 (4-bit), 128 (8-bit). */
+static inline float default_zero(int bits) { return (float)(1 << (bits - 1)); }
+
 /* Zero point of column n, block b of kb: 4-bit packed two per byte (rows of ceil(kb/2) bytes), 8-bit one byte
-   each. (Without zero points: 8 and 128.) */
+   each. */
 static inline float zero_of(int bits, const uint8_t *zp, int kb, int n, int b) {
     if (bits == 8) return (float)zp[(size_t)n * kb + b];
     uint8_t z = zp[(size_t)n * ((kb + 1) / 2) + b / 2];
@@ -76,10 +79,10 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
 
 /* C rows [0, mr) x the tile's NB*16 columns (those below n_end) over k in [k0, k0+kc): accumulate into C
    (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB packed sub-panels of
-   panel_stride bytes; ws/zs: [block][NB*16] floats. */
+   PANEL_BYTES; ws/zs: [block][NB*16] floats. */
 static inline __attribute__((always_inline)) void micro(
         const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
-        const uint8_t *panel, size_t panel_stride, const float *ws, const float *zs, const float *bias, int n_end,
+        const uint8_t *panel, const float *ws, const float *zs, const float *bias, int n_end,
         int n0, float *C, int ldc, int first, int last, int gelu) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int kb = K / bs;
@@ -97,7 +100,7 @@ static inline __attribute__((always_inline)) void micro(
         for (int p = 0; p < bs / 8; p++) {
             __m512i lo[NB], hi[NB];
             _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
-                const uint8_t *step = pp + t * panel_stride + (size_t)p * 16 * bits;
+                const uint8_t *step = pp + t * PANEL_BYTES + (size_t)p * 16 * bits;
                 if (bits == 4) {
                     const __m512i v = _mm512_loadu_si512(step);
                     lo[t] = _mm512_and_si512(v, low);
@@ -119,8 +122,7 @@ static inline __attribute__((always_inline)) void micro(
         const int blk = b - k0 / bs;
         _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
             const __m512 w = _mm512_loadu_ps(ws + (size_t)blk * NB * 16 + t * 16);
-            const __m512 z = zs ? _mm512_loadu_ps(zs + (size_t)blk * NB * 16 + t * 16)
-                                : _mm512_set1_ps(bits == 4 ? 8.f : 128.f);
+            const __m512 z = zs ? _mm512_loadu_ps(zs + (size_t)blk * NB * 16 + t * 16) : _mm512_set1_ps(default_zero(bits));
             _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
                 __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps((float)asum[(size_t)r * kb + b]),
                                             _mm512_cvtepi32_ps(acc[r][t]));
@@ -139,7 +141,7 @@ static inline __attribute__((always_inline)) void micro(
 }
 
 #define MICRO_CASE(BITS, R) case R: micro(BITS, R, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
-        asum + (size_t)m * kb, panel, PANEL_BYTES, ws, zs, bias, n_end, n0, C + (size_t)m * N, N, k0 == 0, \
+        asum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * N, N, k0 == 0, \
         k0 + kc >= K, gelu); break;
 #define MICRO_CASES(BITS) switch (M - m < MR ? M - m : MR) { MICRO_CASE(BITS, 1) MICRO_CASE(BITS, 2) MICRO_CASE(BITS, 3) }
 
@@ -255,7 +257,7 @@ static inline __attribute__((always_inline)) void gemv_bs(
                     else
                         dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, a0);
                     const __m512 w = lane_values(scales + (size_t)(n + j) * kb, b0, nblk, per_chunk, full, lane_block);
-                    __m512 z = _mm512_set1_ps(bits == 4 ? 8.f : 128.f);
+                    __m512 z = _mm512_set1_ps(default_zero(bits));
                     if (zp) {
                         for (int i = 0; i < nblk; i++) zeros[i] = zero_of(bits, zp, kb, n + j, b0 + i);
                         z = lane_values(zeros, 0, nblk, per_chunk, 0, lane_block);

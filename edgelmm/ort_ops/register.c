@@ -7,20 +7,22 @@ OrtStatus *op_error(const char *msg) {
     return CALL(SLOT_CREATE_STATUS, OrtStatus *(*)(int, const char *), 1, msg);
 }
 
+/* Whether an attribute read succeeded; a failure's status (the attribute is absent) is released. */
+static int attr_found(OrtStatus *s) {
+    if (s) CALL(SLOT_RELEASE_STATUS, void (*)(OrtStatus *), s);
+    return !s;
+}
+
 int64_t op_attr_int(const OrtKernelInfo *info, const char *name, int64_t fallback) {
     int64_t value;
-    OrtStatus *s = CALL(SLOT_ATTR_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *), info, name, &value);
-    if (!s) return value;
-    CALL(SLOT_RELEASE_STATUS, void (*)(OrtStatus *), s);
-    return fallback;
+    return attr_found(CALL(SLOT_ATTR_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *), info,
+                           name, &value)) ? value : fallback;
 }
 
 float op_attr_float(const OrtKernelInfo *info, const char *name, float fallback) {
     float value;
-    OrtStatus *s = CALL(SLOT_ATTR_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *), info, name, &value);
-    if (!s) return value;
-    CALL(SLOT_RELEASE_STATUS, void (*)(OrtStatus *), s);
-    return fallback;
+    return attr_found(CALL(SLOT_ATTR_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *), info,
+                           name, &value)) ? value : fallback;
 }
 
 OrtStatus *op_input(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t *dims, size_t *rank) {
@@ -85,12 +87,9 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
         return op_error("edgelmm's ops need AVX512-VNNI");
     OrtCustomOpDomain *domain;
     CHECK(CALL(SLOT_CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **), "edgelmm", &domain));
-    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, &matmul_nbits_op));
-    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
-               &group_query_attention_op));
-    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
-               &group_query_attention_half_cache_op));
-    CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain,
-               &group_query_attention_int8_cache_op));
+    const OrtCustomOp *ops[] = {&matmul_nbits_op, &group_query_attention_op, &group_query_attention_half_cache_op,
+                                &group_query_attention_int8_cache_op};
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
+        CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, ops[i]));
     return CALL(SLOT_ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *), options, domain);
 }

@@ -29,7 +29,6 @@ _INT8, _FLOAT16 = 3, 10
 _TYPE_TENSOR_SHAPE, _SHAPE_DIM, _DIM_PARAM = 2, 1, 2
 CACHE_OPS = {"float32": ("GroupQueryAttention", None), "float16": ("GroupQueryAttentionHalfCache", _FLOAT16),
              "int8": ("GroupQueryAttentionInt8Cache", _INT8)}  # cache dtype: attention op, cache element type
-INT8_ROW_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their fp32 scale
 _ATTR_NAME, _ATTR_FLOAT, _ATTR_INT, _ATTR_TYPE, _ATTR_GRAPHS = 1, 2, 3, 20, (6, 11)
 _ATTR_TYPE_INT = 2
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
@@ -119,7 +118,8 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
     if op_type == "MatMulNBits":
         k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
         bits = attrs.get("bits")
-        return (bits in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, 4096 if bits == 4 else 2048)
+        deepest = 4096 if bits == 4 else 2048  # a block fits one GEMM panel
+        return (bits in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, deepest)
                 and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
                 and not any(inputs[4:5]))  # as matmul_op.c's create() requires
     if op_type == "GroupQueryAttention":
@@ -141,22 +141,20 @@ def _rewrite_node(node: bytes, op_type: str, output: str | None = None) -> bytes
     return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
-def _gelu_fusions(nodes: list[tuple], graph_outputs: set[str]) -> dict[int, int]:
-    """{index of an eligible MatMulNBits: index of the FastGelu fused into it}. ``nodes``: _node_info tuples."""
+def _gelu_fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> dict[int, int]:
+    """{position of an eligible MatMulNBits: position of the FastGelu fused into it}; ``nodes``: the graph's
+    fields' positions to their _node_info."""
+    if any("<subgraph>" in attrs for *_, attrs in nodes.values()):
+        return {}  # a subgraph may read any tensor: leave the graph as it is
     uses: dict[str, int] = {}
-    for _, _, inputs, _, _ in nodes:
+    for _, _, inputs, _, _ in nodes.values():
         for name in inputs:
             uses[name] = uses.get(name, 0) + 1
-    if any("<subgraph>" in attrs for *_, attrs in nodes):
-        return {}  # a subgraph may read any tensor: leave the graph as it is
-    producer = {outputs[0]: i for i, (op, domain, inputs, outputs, attrs) in enumerate(nodes)
+    producer = {outputs[0]: i for i, (op, domain, inputs, outputs, attrs) in nodes.items()
                 if op == "MatMulNBits" and len(outputs) == 1 and _eligible(op, domain, inputs, attrs)}
-    fusions = {}
-    for j, (op, domain, inputs, _, _) in enumerate(nodes):
-        if (op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
-                and uses[inputs[0]] == 1 and inputs[0] not in graph_outputs):
-            fusions[producer[inputs[0]]] = j
-    return fusions
+    return {producer[inputs[0]]: j for j, (op, domain, inputs, _, _) in nodes.items()
+            if op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
+            and uses[inputs[0]] == 1 and inputs[0] not in graph_outputs}
 
 
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
@@ -193,38 +191,40 @@ def _value_name(value_info: bytes) -> str:
     return next((v.decode() for f, _, v, _ in _fields(value_info) if f == _VALUE_INFO_NAME), "")
 
 
+def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None) -> tuple[bytes, int]:
+    """A GraphProto with its eligible nodes moved (FastGelus fused), and how many were moved."""
+    graph = list(_fields(graph_proto))
+    nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
+    outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
+    fusions = _gelu_fusions(nodes, outputs)
+    gone = {nodes[m][3][0] for m in fusions}  # the matmul outputs the fusion removes
+    moved, caches, kept = 0, set(), []
+    for i, (field, wire, value, raw) in enumerate(graph):
+        if i in fusions.values() or (field == _GRAPH_VALUE_INFOS[2] and _value_name(value) in gone):
+            continue
+        op_type, domain, inputs, outs, attrs = nodes.get(i, ("", "", [], [], {}))
+        if _eligible(op_type, domain, inputs, attrs):
+            if op_type == "GroupQueryAttention" and cache_type:
+                op_type = attention_op
+                caches.update(n for n in inputs[3:5] + outs[1:3] if n)
+            fused_output = nodes[fusions[i]][3][0] if i in fusions else None
+            raw = _len_field(_GRAPH_NODE, _rewrite_node(value, op_type, fused_output))
+            moved += 1
+        kept.append((field, wire, value, raw))
+    return b"".join(_len_field(f, _retyped(v, cache_type)) if f in _GRAPH_VALUE_INFOS and w == _LEN
+                    and _value_name(v) in caches else r for f, w, v, r in kept), moved
+
+
 def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
     """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
     were moved (fused FastGelus not counted). The moved attention nodes keep their KV cache as ``cache`` (a
     ``CACHE_OPS`` key; the graph's past/present inputs and outputs are retyped to it)."""
     attention_op, cache_type = CACHE_OPS[cache]
-    moved, caches, out = 0, set(), []
+    moved, out = 0, []
     for field, wire, value, raw in _fields(model):
         if field == _MODEL_GRAPH and wire == _LEN:
-            graph = list(_fields(value))
-            nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
-            outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
-            order = list(nodes)
-            fusions = {order[m]: order[g] for m, g in _gelu_fusions([nodes[i] for i in order], outputs).items()}
-            fused_away = set(fusions.values())
-            gone = {nodes[m][3][0] for m in fusions}  # the matmul outputs the fusion removes
-            kept = []
-            for i, (g_field, g_wire, g_value, g_raw) in enumerate(graph):
-                if i in fused_away or (g_field == _GRAPH_VALUE_INFOS[2] and _value_name(g_value) in gone):
-                    continue
-                if i in nodes:
-                    op_type, domain, inputs, outs, attrs = nodes[i]
-                    if _eligible(op_type, domain, inputs, attrs):
-                        if op_type == "GroupQueryAttention" and cache_type:
-                            op_type = attention_op
-                            caches.update(n for n in inputs[3:5] + outs[1:3] if n)
-                        fused_output = nodes[fusions[i]][3][0] if i in fusions else None
-                        g_raw = _len_field(_GRAPH_NODE, _rewrite_node(g_value, op_type, fused_output))
-                        moved += 1
-                kept.append((g_field, g_wire, g_value, g_raw))
-            raw = _len_field(_MODEL_GRAPH, b"".join(
-                _len_field(f, _retyped(v, cache_type)) if f in _GRAPH_VALUE_INFOS and w == _LEN and _value_name(v) in caches
-                else r for f, w, v, r in kept))
+            graph, moved = _rewrite_graph(value, attention_op, cache_type)
+            raw = _len_field(_MODEL_GRAPH, graph)
         out.append(raw)
     if moved:
         opset = _len_field(_OPSET_DOMAIN, DOMAIN.encode()) + _encode_varint(_OPSET_VERSION << 3) + _encode_varint(1)
