@@ -78,7 +78,7 @@ def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float
 
     rng = np.random.default_rng(1)
     dec = KVDecoder(session, cfg, np.float32, context, chunk=prefill_chunk())
-    embeds = rng.standard_normal((1, prompt, cfg.hidden_size)).astype(np.float32)
+    embeds = rng.standard_normal((1, prompt, cfg.hidden_size), dtype=np.float32)
     t0 = time.perf_counter()
     logits = dec.run(embeds, prompt)
     t1 = time.perf_counter()

@@ -1,141 +1,246 @@
-/* edgelmm.MatMulNBits: com.microsoft MatMulNBits (4- or 8-bit, int8 compute) on nbits_kernels.c. Inputs as
-   the original: A [..., K] fp32, B uint8 [N, K/bs, bs*bits/8], scales [N, K/bs], optional uint8 zero points
-   (4-bit: two per byte, rows of ceil(K/bs/2) bytes; 8-bit: [N, K/bs]), g_idx (must be absent), optional bias [N].
-   Attribute gelu_tanh = 1 (edgelmm's own): the output goes through com.microsoft FastGelu, fused here. */
+/* edgelmm.MatMulNBits and edgelmm.GeluMlpNBits on nbits_kernels.c.
+   MatMulNBits: com.microsoft MatMulNBits (4- or 8-bit, int8 compute). Inputs as the original: A [..., K] fp32,
+   B uint8 [N, K/bs, bs*bits/8], scales [N, K/bs], optional uint8 zero points (4-bit: two per byte, rows of
+   ceil(K/bs/2) bytes; 8-bit: [N, K/bs]), g_idx (must be absent), optional bias [N]. Attribute gelu_tanh = 1
+   (edgelmm's own): the output goes through com.microsoft FastGelu, fused here.
+   GeluMlpNBits: MatMulNBits (up, K -> N) -> FastGelu -> MatMulNBits (down, N -> down_N), Phi's MLP, as one op:
+   inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
+   and down_N, down_bits, down_block_size. The up projection's activations exist only MLP_CHUNK columns at a
+   time, quantized for the down projection as they are made: a prompt's [M, N] fp32 buffer becomes [M, N] int8. */
 #include <stdlib.h>
 
 #include "kernels.h"
 #include "ort_api.h"
 
 
-#define TASKS 8  /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
+#define TASKS 8         /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
+#define MLP_CHUNK 1024  /* up-projection columns made at a time (whole down-projection blocks) */
 
-typedef struct { int K, N, bs, bits, gelu; } Node;
+typedef struct { int K, N, bs, bits, gelu; } Linear;                /* one MatMulNBits's shape */
+typedef struct { const uint8_t *B, *zp; const float *scales, *bias; } Weights;
+typedef struct { int8_t *q; float *scale; int32_t *sum; } Quantized;  /* rows quantized per block (nbits_quantize_rows) */
 
-static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
-    (void)op; (void)api;
-    const int64_t K = op_attr_int(info, "K", 0), N = op_attr_int(info, "N", 0), bits = op_attr_int(info, "bits", 0);
-    const int64_t bs = op_attr_int(info, "block_size", 0);
+static OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gelu, Linear *out) {
     if (bits != 4 && bits != 8) return op_error("edgelmm.MatMulNBits: bits must be 4 or 8");
     if (bs < 16 || bs > (bits == 4 ? 4096 : 2048) || (bs & (bs - 1)) || K < bs || K % bs)  /* a block fits a panel */
         return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 (8-bit: 2048) dividing K");
     if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm.MatMulNBits: K and N must be 1 .. 2^24");
-    Node *node = malloc(sizeof *node);
-    if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
-    node->K = (int)K; node->N = (int)N; node->bs = (int)bs; node->bits = (int)bits;
-    node->gelu = op_attr_int(info, "gelu_tanh", 0) != 0;
-    *out = node;
+    *out = (Linear){.K = (int)K, .N = (int)N, .bs = (int)bs, .bits = (int)bits, .gelu = gelu};
     return 0;
 }
 
+/* Inputs first .. first+4 of the node: B, scales, zero points, g_idx, bias of the linear l. */
+static OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, Weights *w) {
+    void *B, *scales, *zp, *g_idx, *bias;
+    const int64_t kb = l->K / l->bs;
+    CHECK(op_input_sized(ctx, first, T_UINT8, &B, (int64_t)l->N * l->K * l->bits / 8));
+    CHECK(op_input_sized(ctx, first + 1, T_FLOAT, &scales, l->N * kb));
+    CHECK(op_input(ctx, first + 2, T_UINT8, &zp, 0, 0));
+    if (zp) CHECK(op_input_sized(ctx, first + 2, T_UINT8, &zp, l->N * (l->bits == 4 ? (kb + 1) / 2 : kb)));
+    CHECK(op_input(ctx, first + 3, T_INT32, &g_idx, 0, 0));
+    CHECK(op_input(ctx, first + 4, T_FLOAT, &bias, 0, 0));
+    if (bias) CHECK(op_input_sized(ctx, first + 4, T_FLOAT, &bias, l->N));
+    if (g_idx) return op_error("edgelmm.MatMulNBits: g_idx is not supported");
+    *w = (Weights){.B = B, .zp = zp, .scales = scales, .bias = bias};
+    return 0;
+}
+
+static int alloc_quantized(Quantized *q, int M, int K, int bs) {
+    q->q = malloc((size_t)M * K);
+    q->scale = malloc((size_t)M * (K / bs) * sizeof(float));
+    q->sum = malloc((size_t)M * (K / bs) * sizeof(int32_t));
+    return q->q && q->scale && q->sum;
+}
+
+static void free_quantized(Quantized *q) { free(q->q); free(q->scale); free(q->sum); }
+
 typedef struct {
-    const Node *node;
-    int M, tasks, failed;
-    const float *A, *scales, *bias;
-    const uint8_t *B, *zp;
-    float *C, *as, *lane_scale, *lane_zsum;
-    int8_t *Aq, *ag;
-    int32_t *asum;
+    const Linear *l;
+    const Weights *w;
+    int M, K, lda, ldq, n_begin, n_end, ldc, tasks, failed;
+    const float *A;
+    Quantized q;
+    float *C, *lane_scale, *lane_zsum;
+    int8_t *ag;
 } Work;
 
-static void task_range(int total, int tasks, int i, int unit, int *b, int *e) {
-    const int units = (total + unit - 1) / unit;
-    *b = (int)((int64_t)units * i / tasks) * unit;
-    *e = (int)((int64_t)units * (i + 1) / tasks) * unit;
-    if (*e > total) *e = total;
+static void task_range(int begin, int end, int tasks, int i, int unit, int *b, int *e) {
+    const int units = (end - begin + unit - 1) / unit;
+    *b = begin + (int)((int64_t)units * i / tasks) * unit;
+    *e = begin + (int)((int64_t)units * (i + 1) / tasks) * unit;
+    if (*e > end) *e = end;
 }
 
 static void quantize_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
-    task_range(w->M, w->tasks, (int)i, 1, &b, &e);
-    nbits_quantize_rows(w->node->bits, b, e, w->node->K, w->node->bs, w->A, w->Aq, w->as, w->asum);
+    task_range(0, w->M, w->tasks, (int)i, 1, &b, &e);
+    nbits_quantize_rows(w->l->bits, b, e, w->K, w->l->bs, w->A, w->lda, w->q.q, w->ldq, w->q.scale, w->q.sum);
 }
 
 static void gemm_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
-    task_range(w->node->N, w->tasks, (int)i, 16, &b, &e);
+    task_range(w->n_begin, w->n_end, w->tasks, (int)i, 16, &b, &e);
     if (b >= e) return;
     uint8_t *scratch = aligned_alloc(64, nbits_scratch_bytes);
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
-    nbits_gemm(w->node->bits, w->M, w->node->N, w->node->K, w->node->bs, b, e, w->Aq, w->as, w->asum, w->B, w->scales, w->zp,
-            w->bias, w->node->gelu, w->C, scratch);
+    nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, b, e, w->q.q, w->q.scale, w->q.sum, w->w->B, w->w->scales,
+               w->w->zp, w->w->bias, w->l->gelu, w->C + (b - w->n_begin), w->ldc, scratch);
     free(scratch);
 }
 
 static void gemv_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
-    task_range(w->node->N, w->tasks, (int)i, 4, &b, &e);
+    task_range(w->n_begin, w->n_end, w->tasks, (int)i, 4, &b, &e);
     if (b < e)
-        nbits_gemv(w->node->bits, w->node->K, w->node->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->B, w->scales,
-                   w->zp, w->bias, w->node->gelu, w->C);
+        nbits_gemv(w->l->bits, w->l->K, w->l->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->w->B, w->w->scales,
+                   w->w->zp, w->w->bias, w->l->gelu, w->C + (b - w->n_begin));
 }
 
-static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
-    const Node *node = kernel;
-    size_t rank = 0;
-    int64_t dims[8];
-    void *A, *B, *scales, *zp, *g_idx, *bias, *C;
-    const int64_t kb = node->K / node->bs;
-    CHECK(op_input(ctx, 0, T_FLOAT, &A, dims, &rank));
-    CHECK(op_input_sized(ctx, 1, T_UINT8, &B, (int64_t)node->N * node->K * node->bits / 8));
-    CHECK(op_input_sized(ctx, 2, T_FLOAT, &scales, node->N * kb));
-    CHECK(op_input(ctx, 3, T_UINT8, &zp, 0, 0));
-    if (zp) CHECK(op_input_sized(ctx, 3, T_UINT8, &zp, node->N * (node->bits == 4 ? (kb + 1) / 2 : kb)));
-    CHECK(op_input(ctx, 4, T_INT32, &g_idx, 0, 0));
-    CHECK(op_input(ctx, 5, T_FLOAT, &bias, 0, 0));
-    if (bias) CHECK(op_input_sized(ctx, 5, T_FLOAT, &bias, node->N));
-    if (g_idx) return op_error("edgelmm.MatMulNBits: g_idx is not supported");
-    if (rank < 1 || dims[rank - 1] != node->K) return op_error("edgelmm.MatMulNBits: A's last dimension is not K");
-    int64_t M = 1;
-    for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
-    dims[rank - 1] = node->N;
-    CHECK(op_output(ctx, 0, dims, rank, &C));
-    if (M == 0) return 0;
-    if (M > (1 << 24)) return op_error("edgelmm.MatMulNBits: too many rows");
-    const int K = node->K, chunks = nbits_gemv_chunks(node->bits, K);
-    Work w = {.node = node, .M = (int)M, .A = A, .scales = scales, .bias = bias, .B = B, .zp = zp, .C = C};
-    w.Aq = malloc((size_t)M * K);
-    w.as = malloc((size_t)M * kb * sizeof(float));
-    w.asum = malloc((size_t)M * kb * sizeof(int32_t));
-    OrtStatus *status = 0;
-    if (!w.Aq || !w.as || !w.asum) { status = op_error("edgelmm.MatMulNBits: out of memory"); goto done; }
-    w.tasks = M >= 64 ? TASKS : 1;
-    if ((status = op_parallel(ctx, quantize_task, w.tasks, &w))) goto done;
-    w.tasks = node->N >= 256 ? TASKS : 1;
-    if (M == 1) {
-        w.ag = malloc((size_t)chunks * 128);
-        w.lane_scale = malloc((size_t)chunks * 16 * sizeof(float));
-        w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
-        if (!w.ag || !w.lane_scale || !w.lane_zsum) { status = op_error("edgelmm.MatMulNBits: out of memory"); goto done; }
-        nbits_gemv_prepare(node->bits, K, node->bs, w.Aq, w.as, w.ag, w.lane_scale, w.lane_zsum);
-        status = op_parallel(ctx, gemv_task, w.tasks, &w);
-    } else {
-        status = op_parallel(ctx, gemm_task, w.tasks, &w);
-        if (!status && w.failed) status = op_error("edgelmm.MatMulNBits: out of memory");
+/* Columns [0, K) of rows A [M, lda] quantized for the linear l into q's rows of ldq values (q pointing at the
+   first column to write). */
+static OrtStatus *quantize(OrtKernelContext *ctx, const Linear *l, int M, int K, const float *A, int lda,
+                           Quantized q, int ldq) {
+    Work w = {.l = l, .M = M, .K = K, .lda = lda, .ldq = ldq, .A = A, .q = q, .tasks = M >= 64 ? TASKS : 1};
+    return op_parallel(ctx, quantize_task, w.tasks, &w);
+}
+
+/* Columns [n_begin, n_end) of the linear l on M quantized rows, to C [M, ldc] (C pointing at column n_begin). */
+static OrtStatus *multiply(OrtKernelContext *ctx, const Linear *l, const Weights *wt, int M, const Quantized *q,
+                           int n_begin, int n_end, float *C, int ldc) {
+    Work w = {.l = l, .w = wt, .M = M, .q = *q, .n_begin = n_begin, .n_end = n_end, .C = C, .ldc = ldc,
+              .tasks = n_end - n_begin >= 256 ? TASKS : 1};
+    if (M > 1) {
+        OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
+        return status ? status : w.failed ? op_error("edgelmm.MatMulNBits: out of memory") : 0;
     }
-done:
-    free(w.Aq); free(w.as); free(w.asum); free(w.ag); free(w.lane_scale); free(w.lane_zsum);
+    const int chunks = nbits_gemv_chunks(l->bits, l->K);
+    w.ag = malloc((size_t)chunks * 128);
+    w.lane_scale = malloc((size_t)chunks * 16 * sizeof(float));
+    w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
+    OrtStatus *status = 0;
+    if (!w.ag || !w.lane_scale || !w.lane_zsum) {
+        status = op_error("edgelmm.MatMulNBits: out of memory");
+    } else {
+        nbits_gemv_prepare(l->bits, l->K, l->bs, q->q, q->scale, w.ag, w.lane_scale, w.lane_zsum);
+        status = op_parallel(ctx, gemv_task, w.tasks, &w);
+    }
+    free(w.ag); free(w.lane_scale); free(w.lane_zsum);
+    return status;
+}
+
+/* Input 0 (A [..., K]) and output 0 ([..., N]) of a node; *M: the rows (0: nothing to compute). */
+static OrtStatus *rows_in_out(OrtKernelContext *ctx, int K, int N, const float **A, float **C, int *M) {
+    size_t rank = 0;
+    int64_t dims[8], rows = 1;
+    void *a, *c;
+    CHECK(op_input(ctx, 0, T_FLOAT, &a, dims, &rank));
+    if (rank < 1 || dims[rank - 1] != K) return op_error("edgelmm.MatMulNBits: A's last dimension is not K");
+    for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
+    dims[rank - 1] = N;
+    CHECK(op_output(ctx, 0, dims, rank, &c));
+    if (rows > (1 << 24)) return op_error("edgelmm.MatMulNBits: too many rows");
+    *A = a; *C = c; *M = (int)rows;
+    return 0;
+}
+
+static OrtStatus *matmul_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
+    (void)op; (void)api;
+    Linear l;
+    CHECK(linear(op_attr_int(info, "K", 0), op_attr_int(info, "N", 0), op_attr_int(info, "bits", 0),
+                 op_attr_int(info, "block_size", 0), op_attr_int(info, "gelu_tanh", 0) != 0, &l));
+    Linear *node = malloc(sizeof *node);
+    if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
+    *node = l;
+    *out = node;
+    return 0;
+}
+
+static OrtStatus *matmul_compute(void *kernel, OrtKernelContext *ctx) {
+    const Linear *l = kernel;
+    const float *A;
+    float *C;
+    int M;
+    Weights wt;
+    CHECK(weights(ctx, 1, l, &wt));
+    CHECK(rows_in_out(ctx, l->K, l->N, &A, &C, &M));
+    if (M == 0) return 0;
+    Quantized q;
+    OrtStatus *status = alloc_quantized(&q, M, l->K, l->bs) ? 0 : op_error("edgelmm.MatMulNBits: out of memory");
+    if (!status) status = quantize(ctx, l, M, l->K, A, l->K, q, l->K);
+    if (!status) status = multiply(ctx, l, &wt, M, &q, 0, l->N, C, l->N);
+    free_quantized(&q);
+    return status;
+}
+
+typedef struct { Linear up, down; } Mlp;
+
+static OrtStatus *mlp_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
+    (void)op; (void)api;
+    Mlp m;
+    const int64_t N = op_attr_int(info, "N", 0);
+    CHECK(linear(op_attr_int(info, "K", 0), N, op_attr_int(info, "bits", 0), op_attr_int(info, "block_size", 0), 1,
+                 &m.up));
+    CHECK(linear(N, op_attr_int(info, "down_N", 0), op_attr_int(info, "down_bits", 0),
+                 op_attr_int(info, "down_block_size", 0), 0, &m.down));
+    Mlp *node = malloc(sizeof *node);
+    if (!node) return op_error("edgelmm.GeluMlpNBits: out of memory");
+    *node = m;
+    *out = node;
+    return 0;
+}
+
+static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
+    const Mlp *m = kernel;
+    const Linear *up = &m->up, *down = &m->down;
+    const float *A;
+    float *C;
+    int M;
+    Weights w_up, w_down;
+    CHECK(weights(ctx, 1, up, &w_up));
+    CHECK(weights(ctx, 6, down, &w_down));
+    CHECK(rows_in_out(ctx, up->K, down->N, &A, &C, &M));
+    if (M == 0) return 0;
+    const int chunk = down->bs > MLP_CHUNK ? down->bs : MLP_CHUNK;
+    Quantized x, h;
+    float *made = malloc((size_t)M * chunk * sizeof(float));  /* up-projection columns [c0, c0 + chunk) */
+    OrtStatus *status = alloc_quantized(&x, M, up->K, up->bs) && alloc_quantized(&h, M, up->N, down->bs) && made
+                        ? 0 : op_error("edgelmm.GeluMlpNBits: out of memory");
+    if (!status) status = quantize(ctx, up, M, up->K, A, up->K, x, up->K);
+    for (int c0 = 0; !status && c0 < up->N; c0 += chunk) {
+        const int width = up->N - c0 < chunk ? up->N - c0 : chunk, b0 = c0 / down->bs;
+        status = multiply(ctx, up, &w_up, M, &x, c0, c0 + width, made, chunk);
+        Quantized columns = {.q = h.q + c0, .scale = h.scale + b0, .sum = h.sum + b0};
+        if (!status) status = quantize(ctx, down, M, width, made, chunk, columns, up->N);
+    }
+    if (!status) status = multiply(ctx, down, &w_down, M, &h, 0, down->N, C, down->N);
+    free_quantized(&x); free_quantized(&h); free(made);
     return status;
 }
 
 static void destroy(void *kernel) { free(kernel); }
-static const char *name(const OrtCustomOp *op) { (void)op; return "MatMulNBits"; }
+static const char *matmul_name(const OrtCustomOp *op) { (void)op; return "MatMulNBits"; }
+static const char *mlp_name(const OrtCustomOp *op) { (void)op; return "GeluMlpNBits"; }
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static const int input_types[6] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_INT32, T_FLOAT};
-static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i < 6 ? input_types[i] : 0; }
-static size_t input_count(const OrtCustomOp *op) { (void)op; return 6; }
+static const int input_types[6] = {T_FLOAT, T_UINT8, T_FLOAT, T_UINT8, T_INT32, T_FLOAT};  /* then B .. bias again */
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i < 6 ? input_types[i] : input_types[i - 5]; }
+static size_t matmul_inputs(const OrtCustomOp *op) { (void)op; return 6; }
+static size_t mlp_inputs(const OrtCustomOp *op) { (void)op; return 11; }
 static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return T_FLOAT; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
-static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i < 3 ? REQUIRED : OPTIONAL; }
+static int input_kind(const OrtCustomOp *op, size_t i) {  /* A, B, scales; the MLP's down B, scales */
+    (void)op;
+    return i < 3 || i == 6 || i == 7 ? REQUIRED : OPTIONAL;
+}
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
-OrtCustomOp matmul_nbits_op = {
-    .version = OP_API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
-    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
-    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,
-    .GetInputMemoryType = memory_type, .CreateKernelV2 = create, .KernelComputeV2 = compute,
-};
+#define NBITS_OP(NAME, INPUTS, CREATE, COMPUTE) { \
+    .version = OP_API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider, .GetInputType = input_type, \
+    .GetInputTypeCount = INPUTS, .GetOutputType = output_type, .GetOutputTypeCount = output_count, \
+    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind, \
+    .GetInputMemoryType = memory_type, .CreateKernelV2 = CREATE, .KernelComputeV2 = COMPUTE }
+OrtCustomOp matmul_nbits_op = NBITS_OP(matmul_name, matmul_inputs, matmul_create, matmul_compute);
+OrtCustomOp gelu_mlp_nbits_op = NBITS_OP(mlp_name, mlp_inputs, mlp_create, mlp_compute);

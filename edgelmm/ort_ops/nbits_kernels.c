@@ -13,18 +13,19 @@
 #define PANEL_BYTES 32768  /* one packed 16-column panel of a K chunk: 4096 k of 4-bit or 2048 k of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
 
-/* Quantize rows [m0, m1) of A [M, K] per row and block of `bs` k to symmetric int8.
-   Aq [M, K]: for 4-bit weights the bytes inside each 8-k step are a[k0 k2 k4 k6 k1 k3 k5 k7] (the order the
-   nibble split yields), for 8-bit in order; as [M, K/bs] scales; asum [M, K/bs] sums of the quantized values. */
-void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int8_t *Aq, float *as,
-                         int32_t *asum) {
+/* Quantize rows [m0, m1) of A [M, K] (row stride lda) per row and block of `bs` k to symmetric int8.
+   Aq [M, ldq]: for 4-bit weights the bytes inside each 8-k step are a[k0 k2 k4 k6 k1 k3 k5 k7] (the order the
+   nibble split yields), for 8-bit in order; as [M, ldq/bs] scales; asum [M, ldq/bs] sums of the quantized
+   values. ldq > K writes a column range of wider rows (Aq, as and asum pointing at its first column). */
+void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int lda, int8_t *Aq, int ldq,
+                         float *as, int32_t *asum) {
     const __m128i order = bits == 4 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
                                     : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    int kb = K / bs;
+    const int kb = K / bs, ldb = ldq / bs;
     for (int m = m0; m < m1; m++) {
         for (int b = 0; b < kb; b++) {
-            const float *a = A + (size_t)m * K + (size_t)b * bs;
-            int8_t *q = Aq + (size_t)m * K + (size_t)b * bs;
+            const float *a = A + (size_t)m * lda + (size_t)b * bs;
+            int8_t *q = Aq + (size_t)m * ldq + (size_t)b * bs;
             __m512 mx = _mm512_setzero_ps();
             for (int k = 0; k < bs; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(a + k)));
             float amax = _mm512_reduce_max_ps(mx);
@@ -35,8 +36,8 @@ void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A
                 sum = _mm512_add_epi32(sum, v);
                 _mm_storeu_si128((__m128i *)(q + k), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), order));
             }
-            as[(size_t)m * kb + b] = amax / 127.f;
-            asum[(size_t)m * kb + b] = _mm512_reduce_add_epi32(sum);
+            as[(size_t)m * ldb + b] = amax / 127.f;
+            asum[(size_t)m * ldb + b] = _mm512_reduce_add_epi32(sum);
         }
     }
 }
@@ -77,9 +78,9 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
     }
 }
 
-/* C rows [0, mr) x the tile's NB*16 columns (those below n_end) over k in [k0, k0+kc): accumulate into C
-   (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB packed sub-panels of
-   PANEL_BYTES; ws/zs: [block][NB*16] floats. */
+/* C rows [0, mr) x the tile's NB*16 columns n0.. (those below n_end; C points at column n0 of row 0) over k in
+   [k0, k0+kc): accumulate into C (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB
+   packed sub-panels of PANEL_BYTES; ws/zs: [block][NB*16] floats. */
 static inline __attribute__((always_inline)) void micro(
         const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
         const uint8_t *panel, const float *ws, const float *zs, const float *bias, int n_end,
@@ -90,7 +91,7 @@ static inline __attribute__((always_inline)) void micro(
     _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
         _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++)
             accf[r][t] = first ? _mm512_setzero_ps()
-                               : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + n0 + 16 * t);
+                               : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + 16 * t);
     for (int b0 = k0; b0 < k0 + kc; b0 += bs) {
         const int b = b0 / bs;
         __m512i acc[MR][NB];
@@ -136,21 +137,22 @@ static inline __attribute__((always_inline)) void micro(
             __m512 o = accf[r][t];
             if (last && bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(live, bias + n0 + 16 * t));
             if (last && gelu) o = gelu_tanh512(o);
-            _mm512_mask_storeu_ps(C + (size_t)r * ldc + n0 + 16 * t, live, o);
+            _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * t, live, o);
         }
 }
 
 #define MICRO_CASE(BITS, R) case R: micro(BITS, R, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
-        asum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * N, N, k0 == 0, \
+        asum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * ldc + (n0 - n_begin), ldc, k0 == 0, \
         k0 + kc >= K, gelu); break;
 #define MICRO_CASES(BITS) switch (M - m < MR ? M - m : MR) { MICRO_CASE(BITS, 1) MICRO_CASE(BITS, 2) MICRO_CASE(BITS, 3) }
 
-/* C[M, N] = A @ W^T (+ bias), FastGelu'd when gelu, for columns [n_begin, n_end) (multiples of 16 except at N).
-   B uint8 [N, K * bits / 8] (MatMulNBits, block bs), scales [N, K/bs], zp (see zero_of) or NULL.
+/* C[M, N] = A @ W^T (+ bias), FastGelu'd when gelu, for columns [n_begin, n_end) (multiples of 16 except at N):
+   C (row stride ldc) points at column n_begin of row 0. Aq, as, asum: A quantized by nbits_quantize_rows
+   (ldq = K). B uint8 [N, K * bits / 8] (MatMulNBits, block bs), scales [N, K/bs], zp (see zero_of) or NULL.
    scratch: nbits_scratch_bytes. */
-void nbits_gemm(int bits, int M, int N, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
+void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
                 const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
-                int gelu, float *C, uint8_t *scratch) {
+                int gelu, float *C, int ldc, uint8_t *scratch) {
     const int kb = K / bs, kc_max = PANEL_BYTES / (16 * bits) * 8;  /* 4096 k (4-bit), 2048 k (8-bit) */
     /* K in chunks of at most kc_max (whole blocks): the tile's panels stay in L1/L2 */
     const int chunks = (K + kc_max - 1) / kc_max, kc_step = ((K / chunks + bs - 1) / bs) * bs;
@@ -269,7 +271,7 @@ static inline __attribute__((always_inline)) void gemv_bs(
         }
         for (int j = 0; j < cols; j++) {
             const float out = _mm512_reduce_add_ps(acc[j]) + (bias ? bias[n + j] : 0.f);
-            y[n + j] = gelu ? gelu_tanh(out) : out;
+            y[n - n_begin + j] = gelu ? gelu_tanh(out) : out;
         }
     }
 }
@@ -280,7 +282,7 @@ static inline __attribute__((always_inline)) void gemv_bs(
     case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
     default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; }
 
-/* y[n] = a . W[n] (+ bias), FastGelu'd when gelu, for n in [n_begin, n_end), one prepared row (see
+/* y[n - n_begin] = a . W[n] (+ bias), FastGelu'd when gelu, for n in [n_begin, n_end), one prepared row (see
    nbits_gemv_prepare). */
 void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
                 const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,

@@ -67,6 +67,6 @@ OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data);
 
-extern OrtCustomOp matmul_nbits_op, group_query_attention_op, group_query_attention_half_cache_op,
+extern OrtCustomOp matmul_nbits_op, gelu_mlp_nbits_op, group_query_attention_op, group_query_attention_half_cache_op,
     group_query_attention_int8_cache_op;
 #endif

@@ -72,7 +72,7 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits and GroupQueryAttention(HalfCache|Int8Cache). The only
+/* Adds domain "edgelmm" with MatMulNBits, GeluMlpNBits and GroupQueryAttention(HalfCache|Int8Cache). The only
    symbol the library exports. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                     const OrtApiBase *base) {
@@ -87,8 +87,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
         return op_error("edgelmm's ops need AVX512-VNNI");
     OrtCustomOpDomain *domain;
     CHECK(CALL(SLOT_CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **), "edgelmm", &domain));
-    const OrtCustomOp *ops[] = {&matmul_nbits_op, &group_query_attention_op, &group_query_attention_half_cache_op,
-                                &group_query_attention_int8_cache_op};
+    const OrtCustomOp *ops[] = {&matmul_nbits_op, &gelu_mlp_nbits_op, &group_query_attention_op,
+                                &group_query_attention_half_cache_op, &group_query_attention_int8_cache_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
         CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, ops[i]));
     return CALL(SLOT_ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *), options, domain);

@@ -12,7 +12,9 @@ opset import for ``edgelmm``. External-data initializers stay references. Eligib
   with rows of head_dim + 4 (each row's fp32 scale after its values; the last dimension becomes symbolic).
 A ``FastGelu`` (no bias input) whose input is an eligible ``MatMulNBits``'s only use (Phi's fc1) is fused into
 it: the matmul writes the FastGelu's output, with attribute ``gelu_tanh`` = 1, and the FastGelu node goes (one
-pass over the activations and a buffer of them fewer).
+pass over the activations and a buffer of them fewer). When the FastGelu's output in turn is only the input of
+an eligible ``MatMulNBits`` (Phi's fc2), the three nodes become one ``GeluMlpNBits`` at the second matmul's place:
+the intermediate activations, the prompt's largest buffer, then never exist whole in fp32.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 DOMAIN = "edgelmm"
 _MODEL_OPSET_IMPORT, _MODEL_GRAPH = 8, 7
 _GRAPH_NODE = 1
-_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 4, 5, 7
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
 _GRAPH_VALUE_INFOS = (11, 12, 13)  # input, output, value_info
 _VALUE_INFO_NAME, _VALUE_INFO_TYPE, _TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 2, 1, 1
 _INT8, _FLOAT16 = 3, 10
@@ -129,32 +131,61 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
     return False
 
 
+def _int_attribute(name: str, value: int) -> bytes:
+    """An AttributeProto of type INT."""
+    return (_len_field(_ATTR_NAME, name.encode()) + _encode_varint(_ATTR_INT << 3) + _encode_varint(value)
+            + _encode_varint(_ATTR_TYPE << 3) + _encode_varint(_ATTR_TYPE_INT))
+
+
 def _rewrite_node(node: bytes, op_type: str, output: str | None = None) -> bytes:
     """The node in domain ``edgelmm`` as ``op_type``; with ``output``, writing that (its only output) through a
     fused FastGelu (attribute gelu_tanh = 1)."""
     dropped = (_NODE_DOMAIN, _NODE_OP_TYPE) + ((_NODE_OUTPUT,) if output else ())
     kept = b"".join(raw for field, _, _, raw in _fields(node) if field not in dropped)
     if output:
-        gelu = (_len_field(_ATTR_NAME, b"gelu_tanh") + _encode_varint(_ATTR_INT << 3) + _encode_varint(1)
-                + _encode_varint(_ATTR_TYPE << 3) + _encode_varint(_ATTR_TYPE_INT))
-        kept = _len_field(_NODE_OUTPUT, output.encode()) + kept + _len_field(_NODE_ATTRIBUTE, gelu)
+        kept = (_len_field(_NODE_OUTPUT, output.encode()) + kept
+                + _len_field(_NODE_ATTRIBUTE, _int_attribute("gelu_tanh", 1)))
     return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
-def _gelu_fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> dict[int, int]:
-    """{position of an eligible MatMulNBits: position of the FastGelu fused into it}; ``nodes``: the graph's
-    fields' positions to their _node_info."""
+def _mlp_node(up: bytes, up_inputs: list[str], down: tuple) -> bytes:
+    """The ``GeluMlpNBits`` node of an MLP: up's inputs (6, missing ones empty), then down's but A (5), down's
+    output; up's name and attributes, and down's N, bits and block size."""
+    _, _, down_inputs, down_outputs, down_attrs = down
+    names = (up_inputs + [""] * 6)[:6] + (down_inputs[1:] + [""] * 5)[:5]
+    fields = [_len_field(_NODE_INPUT, name.encode()) for name in names]
+    fields.append(_len_field(_NODE_OUTPUT, down_outputs[0].encode()))
+    fields += [raw for field, _, _, raw in _fields(up) if field in (_NODE_NAME, _NODE_ATTRIBUTE)]
+    fields += [_len_field(_NODE_ATTRIBUTE, _int_attribute("down_" + name, down_attrs[name]))
+               for name in ("N", "bits", "block_size")]
+    return b"".join(fields) + _len_field(_NODE_OP_TYPE, b"GeluMlpNBits") + _len_field(_NODE_DOMAIN, DOMAIN.encode())
+
+
+def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """Positions of the nodes to fuse, ``nodes`` mapping the graph's fields' positions to their _node_info:
+    ({an eligible MatMulNBits: the FastGelu fused into it}, {an MLP's second MatMulNBits: its first MatMulNBits
+    and FastGelu}). An MLP's first matmul is not in the first map."""
     if any("<subgraph>" in attrs for *_, attrs in nodes.values()):
-        return {}  # a subgraph may read any tensor: leave the graph as it is
+        return {}, {}  # a subgraph may read any tensor: leave the graph as it is
     uses: dict[str, int] = {}
     for _, _, inputs, _, _ in nodes.values():
         for name in inputs:
             uses[name] = uses.get(name, 0) + 1
-    producer = {outputs[0]: i for i, (op, domain, inputs, outputs, attrs) in nodes.items()
-                if op == "MatMulNBits" and len(outputs) == 1 and _eligible(op, domain, inputs, attrs)}
-    return {producer[inputs[0]]: j for j, (op, domain, inputs, _, _) in nodes.items()
-            if op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
-            and uses[inputs[0]] == 1 and inputs[0] not in graph_outputs}
+    only_use = {name for name, count in uses.items() if count == 1 and name not in graph_outputs}
+    matmuls = {i: node for i, node in nodes.items() if node[0] == "MatMulNBits" and len(node[3]) == 1
+               and _eligible(node[0], node[1], node[2], node[4])}
+    producer = {outputs[0]: i for i, (_, _, _, outputs, _) in matmuls.items()}
+    reader = {inputs[0]: i for i, (_, _, inputs, _, _) in matmuls.items() if inputs[0] in only_use}
+    gelus = {producer[inputs[0]]: j for j, (op, domain, inputs, _, _) in nodes.items()
+             if op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
+             and inputs[0] in only_use}
+    mlps = {}
+    for up, gelu in gelus.items():
+        down = reader.get(nodes[gelu][3][0])
+        if down is not None and matmuls[down][4]["K"] == matmuls[up][4]["N"]:
+            mlps[down] = (up, gelu)
+    fused_ups = {up for up, _ in mlps.values()}
+    return {up: gelu for up, gelu in gelus.items() if up not in fused_ups}, mlps
 
 
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
@@ -192,22 +223,27 @@ def _value_name(value_info: bytes) -> str:
 
 
 def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None) -> tuple[bytes, int]:
-    """A GraphProto with its eligible nodes moved (FastGelus fused), and how many were moved."""
+    """A GraphProto with its eligible nodes moved (FastGelus and MLPs fused), and how many were moved."""
     graph = list(_fields(graph_proto))
     nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
     outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
-    fusions = _gelu_fusions(nodes, outputs)
-    gone = {nodes[m][3][0] for m in fusions}  # the matmul outputs the fusion removes
+    gelus, mlps = _fusions(nodes, outputs)
+    dropped = set(gelus.values()) | {p for pair in mlps.values() for p in pair}
+    gone = {nodes[p][3][0] for p in dropped} | {nodes[m][3][0] for m in gelus}  # tensors the fusions remove
     moved, caches, kept = 0, set(), []
     for i, (field, wire, value, raw) in enumerate(graph):
-        if i in fusions.values() or (field == _GRAPH_VALUE_INFOS[2] and _value_name(value) in gone):
+        if i in dropped or (field == _GRAPH_VALUE_INFOS[2] and _value_name(value) in gone):
             continue
         op_type, domain, inputs, outs, attrs = nodes.get(i, ("", "", [], [], {}))
-        if _eligible(op_type, domain, inputs, attrs):
+        if i in mlps:
+            up = mlps[i][0]
+            raw = _len_field(_GRAPH_NODE, _mlp_node(graph[up][2], nodes[up][2], nodes[i]))
+            moved += 1
+        elif _eligible(op_type, domain, inputs, attrs):
             if op_type == "GroupQueryAttention" and cache_type:
                 op_type = attention_op
                 caches.update(n for n in inputs[3:5] + outs[1:3] if n)
-            fused_output = nodes[fusions[i]][3][0] if i in fusions else None
+            fused_output = nodes[gelus[i]][3][0] if i in gelus else None
             raw = _len_field(_GRAPH_NODE, _rewrite_node(value, op_type, fused_output))
             moved += 1
         kept.append((field, wire, value, raw))
@@ -217,7 +253,7 @@ def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None
 
 def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
     """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
-    were moved (fused FastGelus not counted). The moved attention nodes keep their KV cache as ``cache`` (a
+    were moved (a fused FastGelu not counted, a fused MLP counted once). The moved attention nodes keep their KV cache as ``cache`` (a
     ``CACHE_OPS`` key; the graph's past/present inputs and outputs are retyped to it)."""
     attention_op, cache_type = CACHE_OPS[cache]
     moved, out = 0, []
