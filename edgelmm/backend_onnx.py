@@ -145,8 +145,9 @@ class OnnxBackend:
 
     @classmethod
     def load(cls, folder: Path, device: str | None = None, context_length: int | None = None,
-             threads: int | None = None) -> OnnxBackend:
-        """Open the export in ``folder``; ``context_length`` caps the preallocated KV cache."""
+             threads: int | None = None, vision: bool = True) -> OnnxBackend:
+        """Open the export in ``folder``; ``context_length`` caps the preallocated KV cache. ``vision=False``
+        leaves the vision graph unopened (text-only prompts, e.g. to measure the language model alone)."""
         ort = _ort()
         config = OnnxConfig.read(folder)
         chosen = providers(config.target, device)
@@ -154,7 +155,7 @@ class OnnxBackend:
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
         decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
                                                edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
-        sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen),
+        sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen) if vision else None,
                     "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
                     "decoder": decoder}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
@@ -163,6 +164,8 @@ class OnnxBackend:
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """pixels [1, 3, S, S] → image features [1, N, D] (numpy, the export's I/O dtype)."""
+        if self.vision is None:
+            raise ConfigError("this export was loaded without its vision graph (vision=False)")
         return self.vision.run(["image_features"], {"pixel_values": pixels.astype(self.dtype)})[0]
 
     def _embed(self, ids: list[int], features: np.ndarray):
@@ -173,12 +176,14 @@ class OnnxBackend:
         self.embedding.run_with_iobinding(binding)
         return binding.get_outputs()[0]
 
-    def prefill(self, ids: list[int], features: np.ndarray) -> np.ndarray:
-        """Run the prompt from position 0 (image positions take ``features`` in order); logits [V]."""
+    def prefill(self, ids: list[int], features: np.ndarray | None) -> np.ndarray:
+        """Run the prompt from position 0 (image positions take ``features`` in order; None: a text-only
+        prompt); logits [V]."""
         n = int(np.isin(np.asarray(ids), self.image_ids).sum())
-        if n != features.shape[0] * features.shape[1]:
-            raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
-        return self.decoder.run(self._embed(ids, features), len(ids))
+        given = 0 if features is None else features.shape[0] * features.shape[1]
+        if n != given:
+            raise ConfigError(f"the prompt has {n} image positions but the image gives {given} tokens")
+        return self.decoder.run(self._embed(ids, self.no_image if features is None else features), len(ids))
 
     def decode(self, token: int, position: int) -> np.ndarray:
         """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""

@@ -7,7 +7,8 @@ tok/s, peak memory and effective bandwidth of edgelmm's backends and of peer run
 MODEL is a checkpoint folder, an edgelmm export (GPTQ or ONNX, run as is) or a TinyGPT-V description .json;
 ``--shape NAME`` builds a full-size random-weight model of a released architecture once into the cache
 (edgelmm.bench_models). Backends ``gptq4``/``onnx4`` export the checkpoint once into the cache (RTN by
-default: the same packed layout and speed as GPTQ). Each system runs in its own process (edgelmm.bench_run):
+default: the same packed layout and speed as GPTQ); ``onnx4-lm`` runs that ONNX export's language model alone
+(embedding and decoder graphs, the peers' text prompt), as the peers run theirs. Each system runs in its own process (edgelmm.bench_run):
 one warm-up, then ``--runs`` timed generations of exactly ``--new-tokens`` greedy tokens. The prompt is one
 image plus text padded with real tokens to ``--prompt-tokens`` (image + text). Peers that run the language
 model alone get an equal-length prompt of text token ids (scope "language-model-only").
@@ -34,7 +35,7 @@ JSON (``--json``), schema "edgelmm.bench/1"; durations in s, rates per s, sizes 
                   "new_tokens": int, "runs": int, "load_s": float, "preprocess_s": STAT, "vision_s": STAT,
                   "prefill_s": STAT, "ttft_s": STAT, "decode_s": STAT, "decode_tok_per_s": STAT,
                   "prefill_tok_per_s": STAT, "peak_rss_bytes": int, "cuda_max_allocated_bytes": int | null,
-                  "weight_bytes_per_token": int, "kv_bytes_per_token": int,
+                  "weight_bytes_per_token": int, "rss_over_weights": float, "kv_bytes_per_token": int,
                   "effective_bandwidth_bytes_per_s": float, "bandwidth_utilization_pct": float | null,
                   "notes": [str]}],
      "plot": str | null, "plot_note": str | null}
@@ -44,7 +45,8 @@ JSON (``--json``), schema "edgelmm.bench/1"; durations in s, rates per s, sizes 
 row is read, unless tied to the LM head); ``kv_bytes_per_token`` = K+V bytes of all layers at the mean
 context while decoding (prompt + new_tokens / 2). ``effective_bandwidth_bytes_per_s`` = (weight + KV bytes)
 x median tok/s; ``bandwidth_utilization_pct`` relates it to ``memory_bandwidth_bytes_per_s`` (measured by a
-host copy on CPU; the device specification on a GPU). ``peak_rss_bytes`` is the system's process peak RSS."""
+host copy on CPU; the device specification on a GPU). ``peak_rss_bytes`` is the system's process peak RSS;
+``rss_over_weights`` = peak_rss_bytes / weight_bytes_per_token."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +58,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-BACKENDS = ("torch", "gptq4", "onnx4")
+BACKENDS = ("torch", "gptq4", "onnx4", "onnx4-lm")
+_EXPORT_OF = {"torch": None, "gptq4": "gptq4", "onnx4": "onnx4", "onnx4-lm": "onnx4"}  # the export a backend runs
 PEERS = ("transformers", "llama.cpp", "ort-genai")
 PEER_MODULES = {"transformers": ("transformers", "pip install transformers"),
                 "llama.cpp": ("llama_cpp", "pip install llama-cpp-python gguf"),
@@ -162,6 +165,10 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
         if kind == "tinygpt-v" and backend == "torch":
             plan.append((name, "backend", {**base, "system": "edgelmm", "model": str(source), "export": None}, None))
             continue
+        if backend == "onnx4-lm" and kind != "checkpoint":
+            plan.append((name, "backend", None, {"status": "skipped", "reason": "the language model alone runs the "
+                         "peers' text prompt, made from a checkpoint folder's tokenizer"}))
+            continue
         if kind == "tinygpt-v" and backend != "onnx4":
             plan.append((name, "backend", None, {"status": "skipped", "reason": "TinyGPT-V exports to ONNX only "
                          "(its released pieces have no checkpoint layout a GPTQ loader reads)"}))
@@ -170,21 +177,21 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
             plan.append((name, "backend", None, {"status": "skipped", "reason": f"the model is a {kind} source "
                          f"(run as it is); {backend} is exported from an unquantized checkpoint folder"}))
             continue
-        missing = exporter_missing(backend) if backend != "torch" else None
+        missing = exporter_missing(_EXPORT_OF[backend]) if backend != "torch" else None
         if missing:
             plan.append((name, "backend", None, {"status": "skipped", "reason": f"exporter unavailable: {missing}"}))
             continue
         try:
-            model = source if backend == "torch" else export_folder(backend, source, root, args.quant_method,
-                                                                    args.group_size)
+            model = source if backend == "torch" else export_folder(_EXPORT_OF[backend], source, root,
+                                                                    args.quant_method, args.group_size)
         except EdgeLMMError as e:
             plan.append((name, "backend", None, {"status": "failed", "reason": str(e)}))
             continue
-        export = {"torch": None, "gptq4": "gptq", "onnx4": "onnx"}[backend]
+        export = {None: None, "gptq4": "gptq", "onnx4": "onnx"}[_EXPORT_OF[backend]]
         notes = [] if export is None else [(f"exported once with `edgelmm export --format {export} --bits 4 --method "
                                             f"{args.quant_method} --group-size {args.group_size}`")]
         plan.append((name, "backend", {**base, "system": "edgelmm", "model": str(model), "export": export,
-                                       "notes": notes}, None))
+                                       "lm_only": backend == "onnx4-lm", "notes": notes}, None))
     for peer in peers:
         module, install = PEER_MODULES[peer]
         names = [f"llama.cpp-{q}" for q in args.gguf.split(",")] if peer == "llama.cpp" else [peer]

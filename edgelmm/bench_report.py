@@ -37,6 +37,7 @@ def system_record(name: str, kind: str, job: dict | None, raw: dict, bandwidth: 
         "prefill_tok_per_s": stat([raw["prompt_tokens"] / r["prefill_s"] for r in runs]),
         "peak_rss_bytes": raw["peak_rss_bytes"], "cuda_max_allocated_bytes": raw["cuda_max_allocated_bytes"],
         "weight_bytes_per_token": raw["weight_bytes_per_token"], "kv_bytes_per_token": int(kv),
+        "rss_over_weights": raw["peak_rss_bytes"] / raw["weight_bytes_per_token"],
         "effective_bandwidth_bytes_per_s": per_token * rate,
         "bandwidth_utilization_pct": 100 * per_token * rate / bandwidth if bandwidth else None,
         "notes": (job or {}).get("notes", []) + raw.get("notes", [])})
@@ -72,7 +73,7 @@ def _ms(s: dict | None) -> str:
 
 def table(systems: list[dict]) -> str:
     head = (f"{'system':<18}{'scope':<9}{'weights':<18}{'prep ms':>8}{'vis ms':>8}{'prefill ms':>11}{'TTFT s':>9}"
-            f"{'decode tok/s (min-max)':>30}{'peak RSS GB':>13}{'BW GB/s (%)':>15}")
+            f"{'decode tok/s (min-max)':>30}{'peak RSS GB':>13}{'RSS/W':>7}{'BW GB/s (%)':>15}")
     rows = [head, "-" * len(head)]
     for s in systems:
         if s["status"] != "ok":
@@ -85,10 +86,13 @@ def table(systems: list[dict]) -> str:
         scope = "VLM" if s["scope"] == "vlm" else "LM only"
         rows.append(f"{s['name']:<18}{scope:<9}{s['weights'][:17]:<18}{_ms(s['preprocess_s']):>8}"
                     f"{_ms(s['vision_s']):>8}{_ms(s['prefill_s']):>11}{s['ttft_s']['median']:>9.3f}{rate:>30}"
-                    f"{s['peak_rss_bytes'] / 1e9:>13.2f}{bw:>15}")
+                    f"{s['peak_rss_bytes'] / 1e9:>13.2f}{s['rss_over_weights']:>7.2f}{bw:>15}")
     if any(s.get("scope") == "language-model-only" for s in systems):
         rows.append("LM only: the language model alone, fed an equal-length prompt of text token ids "
                     "(no image preprocessing or vision encoder).")
+    if any(s["status"] == "ok" for s in systems):
+        rows.append("RSS/W: peak RSS over the language-model weights a decode step reads (a VLM row also holds "
+                    "its vision encoder).")
     return "\n".join(rows)
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -93,12 +94,12 @@ def onnx_decode_bytes(path: Path, skip: str = "embed_tokens") -> int:
 
 
 class EdgeSession:
-    """An edgelmm backend (torch, a GPTQ export, or an ONNX export on onnxruntime) through EdgeLMM.load."""
-
-    scope = "vlm"
+    """An edgelmm backend (torch, a GPTQ export, or an ONNX export on onnxruntime) through EdgeLMM.load; with
+    ``lm_only``, an ONNX export's language model alone (no vision graph), fed the peers' text prompt."""
 
     def __init__(self, job: dict):
-        self.job = job
+        self.job, self.lm_only = job, job.get("lm_only", False)
+        self.scope = "language-model-only" if self.lm_only else "vlm"
 
     def load(self) -> None:
         from .api import EdgeLMM
@@ -106,9 +107,15 @@ class EdgeSession:
         job = self.job
         context = job["prompt_tokens"] + job["new_tokens"] + 16
         onnx = job.get("export") == "onnx"
-        self.lm = EdgeLMM.load(job["model"], device=job["device"], dtype=None if onnx else job["dtype"],
-                               context_length=context)
-        self.ids = bench_prompt(self.lm, job["prompt_tokens"])
+        if self.lm_only:
+            from .backend_onnx import OnnxBackend
+
+            backend = OnnxBackend.load(Path(job["model"]), job["device"], context, vision=False)
+            self.lm, self.ids = SimpleNamespace(backend=backend, spec=backend.spec), job["text_prompt_ids"]
+        else:
+            self.lm = EdgeLMM.load(job["model"], device=job["device"], dtype=None if onnx else job["dtype"],
+                                   context_length=context)
+            self.ids = bench_prompt(self.lm, job["prompt_tokens"])
         backend, t = self.lm.backend, self.lm.spec.text
         if onnx:
             cfg = backend.config
@@ -127,6 +134,14 @@ class EdgeSession:
 
     def run(self, new_tokens: int) -> dict:
         lm, backend = self.lm, self.lm.backend
+        if self.lm_only:
+            t0 = time.perf_counter()
+            token = int(np.argmax(backend.prefill(self.ids, None)))
+            t1 = time.perf_counter()
+            for position in range(len(self.ids), len(self.ids) + new_tokens - 1):
+                token = int(np.argmax(backend.decode(token, position)))
+            return {"preprocess_s": None, "vision_s": None, "prefill_s": t1 - t0,
+                    "decode_s": time.perf_counter() - t1, "decode_steps": new_tokens - 1}
         t0 = time.perf_counter()
         pixels = lm.pixels(self.job["image"])
         lm.prompt_ids(QUESTION)  # tokenizing and templating is part of preprocessing

@@ -34,6 +34,7 @@ def _check_ok(system, prompt_tokens, new_tokens):
     for name in ("peak_rss_bytes", "weight_bytes_per_token", "kv_bytes_per_token"):
         assert isinstance(system[name], int) and system[name] > 0, name
     assert system["peak_rss_bytes"] > 50e6  # a whole process, in bytes (not KiB)
+    assert system["rss_over_weights"] == pytest.approx(system["peak_rss_bytes"] / system["weight_bytes_per_token"])
     assert isinstance(system["effective_bandwidth_bytes_per_s"], float) and system["effective_bandwidth_bytes_per_s"] > 0
     assert 0 < system["bandwidth_utilization_pct"]
     rate = system["decode_tok_per_s"]["median"]
@@ -50,7 +51,7 @@ def report(tmp_path_factory):
     peers += ["ort-genai"] if HAS["onnxruntime_genai"] and HAS["onnx_ir"] else []
     cmd = [sys.executable, "-m", "edgelmm.cli", "bench", "--shape", "tiny", "--cache-dir", str(tmp / "cache"),
            "--prompt-tokens", "800", "--new-tokens", "5", "--runs", "2", "--bandwidth-mib", "32",
-           "--backends", "torch,gptq4,onnx4", "--peers", ",".join(peers), "--gguf", "Q4_0",
+           "--backends", "torch,gptq4,onnx4,onnx4-lm", "--peers", ",".join(peers), "--gguf", "Q4_0",
            "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -69,7 +70,8 @@ def test_report_fields_types_and_units(report):
     assert set(machine["libraries"]) >= {"torch", "onnxruntime", "transformers", "llama_cpp"}
     assert workload["prompt_tokens"] == 800 and workload["image_tokens"] + workload["text_tokens"] == 800
     names = [s["name"] for s in data["systems"]]
-    assert names[:3] == ["edgelmm-torch", "edgelmm-gptq4", "edgelmm-onnx4"] and "transformers" in names
+    assert names[:4] == ["edgelmm-torch", "edgelmm-gptq4", "edgelmm-onnx4", "edgelmm-onnx4-lm"]
+    assert "transformers" in names
     for system in data["systems"]:
         assert system["status"] in ("ok", "skipped", "failed") and system["kind"] in ("backend", "peer")
         assert system["status"] != "failed", (system["name"], system.get("reason"))  # skipped = not installed
@@ -85,6 +87,10 @@ def test_report_fields_types_and_units(report):
     from edgelmm import ort_ops
     assert ("edgelmm ops" in by_name["edgelmm-onnx4"]["weights"]) == (ort_ops.unavailable_reason() is None)
     assert by_name["transformers"]["scope"] == "language-model-only"  # Factory TinyLLaVA: HF has no class for it
+    lm_only = by_name["edgelmm-onnx4-lm"]  # the onnx4 export's decoder alone, fed the peers' text prompt
+    assert lm_only["status"] == "ok" and lm_only["scope"] == "language-model-only"
+    assert lm_only["model_path"] == by_name["edgelmm-onnx4"]["model_path"]  # one export for both
+    assert lm_only["vision_s"] is None and lm_only["weights"] == by_name["edgelmm-onnx4"]["weights"]
     assert "device: cpu" in stdout and "memory bandwidth" in stdout and "jetson_clocks: n/a" in stdout
 
 

@@ -18,6 +18,7 @@ from reference import sample_image
 from edgelmm import EdgeLMM
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
+from edgelmm.backend_onnx import OnnxBackend
 from edgelmm.errors import ConfigError
 from edgelmm.export import onnx_graph
 from edgelmm.export.gptq_settings import QuantSettings
@@ -114,6 +115,28 @@ def test_chunked_prefill_matches_torch(exports, monkeypatch, llm):
     monkeypatch.setenv("EDGELMM_PREFILL_CHUNK", "seven")
     with pytest.raises(ConfigError, match="EDGELMM_PREFILL_CHUNK"):
         EdgeLMM.load(out)
+
+
+def test_language_model_alone_without_the_vision_graph(exports):
+    """OnnxBackend.load(vision=False) opens only the embedding and decoder graphs (``edgelmm bench``'s
+    onnx4-lm): a text-only prompt's logits match torch's language model; asking it for image features, or an
+    image prompt without them, is a ConfigError."""
+    out, ref = exports("tinyllava", "old", "phi", 16)
+    backend = OnnxBackend.load(out, vision=False)
+    assert backend.vision is None
+    model = EdgeLMM.load(out)
+    _, ids = model.prompt_ids(QUESTION)
+    text_ids = [i for i in ids if i not in set(backend.image_ids.tolist())]
+    assert 0 < len(text_ids) < len(ids)
+    ours = backend.prefill(text_ids, None)
+    with torch.inference_mode():
+        lm = ref.backend.model.text
+        theirs = lm(lm.embed(torch.tensor([text_ids])), ref.backend.cache, start=0)[0, -1].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+    with pytest.raises(ConfigError, match="vision graph"):
+        backend.encode_image(model.pixels(sample_image()))
+    with pytest.raises(ConfigError, match="image positions"):
+        backend.prefill(ids, None)
 
 
 @pytest.mark.parametrize("family,layout,llm", CASES)
