@@ -16,9 +16,9 @@ import torch
 from reference import sample_image
 
 from edgelmm import EdgeLMM
+from edgelmm.backend_onnx import OnnxBackend
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
-from edgelmm.backend_onnx import OnnxBackend
 from edgelmm.errors import ConfigError
 from edgelmm.export import onnx_graph
 from edgelmm.export.gptq_settings import QuantSettings
