@@ -35,6 +35,7 @@ JSON (``--json``), schema "edgelmm.bench/1"; durations in s, rates per s, sizes 
                   "new_tokens": int, "runs": int, "load_s": float, "preprocess_s": STAT, "vision_s": STAT,
                   "prefill_s": STAT, "ttft_s": STAT, "decode_s": STAT, "decode_tok_per_s": STAT,
                   "prefill_tok_per_s": STAT, "peak_rss_bytes": int, "cuda_max_allocated_bytes": int | null,
+                  "torch_loaded": bool,  # whether torch was in the system's process (only systems that run on it)
                   "weight_bytes_per_token": int, "rss_over_weights": float, "kv_bytes_per_token": int,
                   "effective_bandwidth_bytes_per_s": float, "bandwidth_utilization_pct": float | null,
                   "notes": [str]}],

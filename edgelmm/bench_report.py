@@ -36,6 +36,7 @@ def system_record(name: str, kind: str, job: dict | None, raw: dict, bandwidth: 
         "decode_s": stat([r["decode_s"] for r in runs]), "decode_tok_per_s": stat(rates),
         "prefill_tok_per_s": stat([raw["prompt_tokens"] / r["prefill_s"] for r in runs]),
         "peak_rss_bytes": raw["peak_rss_bytes"], "cuda_max_allocated_bytes": raw["cuda_max_allocated_bytes"],
+        "torch_loaded": raw["torch_loaded"],
         "weight_bytes_per_token": raw["weight_bytes_per_token"], "kv_bytes_per_token": int(kv),
         "rss_over_weights": raw["peak_rss_bytes"] / raw["weight_bytes_per_token"],
         "effective_bandwidth_bytes_per_s": per_token * rate,

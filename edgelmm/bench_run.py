@@ -157,6 +157,11 @@ class EdgeSession:
                 "decode_steps": new_tokens - 1}
 
 
+def uses_torch(job: dict) -> bool:
+    """Whether the system runs on torch: transformers, and edgelmm's torch and GPTQ backends."""
+    return job["system"] == "transformers" or (job["system"] == "edgelmm" and job.get("export") != "onnx")
+
+
 def make_session(job: dict):
     if job["system"] == "edgelmm":
         return EdgeSession(job)
@@ -170,12 +175,10 @@ def measure(job: dict) -> dict:
     from .bench_machine import peak_rss_bytes
 
     os.environ.setdefault("EDGELMM_THREADS", str(job["threads"]))
-    try:
+    if uses_torch(job):  # only then: importing torch alone adds ~0.3 GB to a process's peak RSS
         import torch
 
         torch.set_num_threads(job["threads"])
-    except ImportError:
-        pass
     session = make_session(job)
     t = time.perf_counter()
     session.load()
@@ -191,6 +194,7 @@ def measure(job: dict) -> dict:
     return {"status": "ok", "load_s": load_s, "runs": runs, "scope": session.scope, "weights": session.weights,
             "prompt_tokens": len(session.ids), "weight_bytes_per_token": session.weight_bytes,
             "kv_bytes_per_position": session.kv_bytes_per_position, "peak_rss_bytes": peak_rss_bytes(),
+            "torch_loaded": "torch" in sys.modules,
             "cuda_max_allocated_bytes": cuda, "notes": getattr(session, "notes", [])}
 
 

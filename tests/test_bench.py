@@ -87,6 +87,9 @@ def test_report_fields_types_and_units(report):
     from edgelmm import ort_ops
     assert ("edgelmm ops" in by_name["edgelmm-onnx4"]["weights"]) == (ort_ops.unavailable_reason() is None)
     assert by_name["transformers"]["scope"] == "language-model-only"  # Factory TinyLLaVA: HF has no class for it
+    for name, system in by_name.items():  # torch (~0.3 GB of RSS) only in the processes that run on it
+        if system["status"] == "ok":
+            assert system["torch_loaded"] == (name in ("edgelmm-torch", "edgelmm-gptq4", "transformers")), name
     lm_only = by_name["edgelmm-onnx4-lm"]  # the onnx4 export's decoder alone, fed the peers' text prompt
     assert lm_only["status"] == "ok" and lm_only["scope"] == "language-model-only"
     assert lm_only["model_path"] == by_name["edgelmm-onnx4"]["model_path"]  # one export for both

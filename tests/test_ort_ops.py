@@ -299,3 +299,50 @@ def test_mlp_fused_into_one_op(rows, k, n, bits, down_bits, down_block, zero_poi
         _mlp_model(rows, k, n, bits, down_bits, down_block, zero_points, "node").SerializeToString())[0])
     assert [node.op_type for node in kept.graph.node][:2] == ["MatMulNBits", "MatMulNBits"]
     assert kept.graph.node[0].output == ["act"]
+
+
+def _norm_model(op, x_shape, skip_shape, beta, bias, outputs) -> onnx.ModelProto:
+    """One com.microsoft Skip(Simplified)LayerNormalization; ``outputs`` its output names ("" = absent)."""
+    hidden = x_shape[-1]
+    rng = np.random.default_rng(hidden)
+    params = {"gamma": rng.uniform(0.5, 1.5, hidden), "beta": rng.standard_normal(hidden) if beta else None,
+              "bias": rng.standard_normal(hidden) if bias else None}
+    names = ["gamma"] + (["beta"] if op == "SkipLayerNormalization" else []) + ["bias"]
+    inputs = ["x", "skip"] + [name if params[name] is not None else "" for name in names]
+    while not inputs[-1]:
+        inputs.pop()
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items() if v is not None]
+    node = helper.make_node(op, inputs, outputs, domain="com.microsoft", epsilon=1e-5)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+                                            helper.make_tensor_value_info("skip", TensorProto.FLOAT, skip_shape)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs if o], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+# one row (decode), many (rows split over threads), a hidden size with a 16-lane tail, a skip broadcast over
+# the batch; all four outputs, only the first, and the exporter's use (output and sum, no statistics)
+@needs_ops
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+@pytest.mark.parametrize("x_shape,skip_shape,beta,bias,outputs", [
+    ([1, 1, 64], [1, 1, 64], True, False, ["y"]), ([1, 70, 2560], [1, 70, 2560], True, True, ["y", "m", "s", "sum"]),
+    ([1, 5, 100], [1, 5, 100], False, True, ["y", "", "", "sum"]), ([2, 3, 48], [1, 3, 48], True, False, ["y", "m", "s"])])
+def test_skip_layer_norms_match_onnxruntime(op, x_shape, skip_shape, beta, bias, outputs):
+    model = _norm_model(op, x_shape, skip_shape, beta, bias, outputs)
+    rewritten, moved = ort_ops.rewrite_model(model.SerializeToString())
+    assert moved == 1 and onnx.load_from_string(rewritten).graph.node[0].domain == ort_ops.DOMAIN
+    rng = np.random.default_rng(7)
+    feeds = {"x": rng.standard_normal(x_shape).astype(np.float32) * 2 + 1,
+             "skip": rng.standard_normal(skip_shape).astype(np.float32)}
+    runs = []
+    for data, custom in ((rewritten, True), (model.SerializeToString(), False)):
+        opts = ort.SessionOptions()
+        if custom:
+            opts.register_custom_ops_library(str(ort_ops.library()))
+        runs.append(ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(None, feeds))
+    ours, theirs = runs
+    assert len(ours) == len(theirs) == len([o for o in outputs if o])
+    for name, a, b in zip([o for o in outputs if o], ours, theirs):
+        assert a.shape == b.shape, name
+        assert np.abs(a - b).max() < 1e-5 * max(np.abs(b).max(), 1), name

@@ -1,6 +1,6 @@
 """edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4- and 8-bit, int8 compute) on an
-AVX512-VNNI int4/int8 x int8 GEMM/GEMV (Phi's following FastGelu fused in), and ``GroupQueryAttention`` as causal
-block attention over an fp16, fp32 or int8 KV cache.
+AVX512-VNNI int4/int8 x int8 GEMM/GEMV (Phi's following FastGelu fused in, or its whole MLP as ``GeluMlpNBits``),
+and ``GroupQueryAttention`` as causal block attention over an fp16, fp32 or int8 KV cache.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
 length; nbits_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..paths import cache_root
 from .rewrite import CACHE_OPS, DOMAIN, rewrite_model
 
-SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "register.c")
+SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "norm_op.c", "register.c")
 HEADERS = ("ort_api.h", "kernels.h", "vec_math.h")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",

@@ -204,10 +204,10 @@ static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(rows_in_out(ctx, up->K, down->N, &A, &C, &M));
     if (M == 0) return 0;
     const int chunk = down->bs > MLP_CHUNK ? down->bs : MLP_CHUNK;
-    Quantized x, h;
+    Quantized x, h;  /* both allocated (and freed) whatever fails */
     float *made = malloc((size_t)M * chunk * sizeof(float));  /* up-projection columns [c0, c0 + chunk) */
-    OrtStatus *status = alloc_quantized(&x, M, up->K, up->bs) && alloc_quantized(&h, M, up->N, down->bs) && made
-                        ? 0 : op_error("edgelmm.GeluMlpNBits: out of memory");
+    const int x_ok = alloc_quantized(&x, M, up->K, up->bs), h_ok = alloc_quantized(&h, M, up->N, down->bs);
+    OrtStatus *status = x_ok && h_ok && made ? 0 : op_error("edgelmm.GeluMlpNBits: out of memory");
     if (!status) status = quantize(ctx, up, M, up->K, A, up->K, x, up->K);
     for (int c0 = 0; !status && c0 < up->N; c0 += chunk) {
         const int width = up->N - c0 < chunk ? up->N - c0 : chunk, b0 = c0 / down->bs;

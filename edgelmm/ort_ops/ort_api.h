@@ -18,7 +18,7 @@ typedef struct { const OrtApiSlot *(*GetApi)(uint32_t version); const char *(*Ge
 
 enum { SLOT_CREATE_STATUS = 0, SLOT_CREATE_DOMAIN = 26, SLOT_DOMAIN_ADD = 27, SLOT_ADD_DOMAIN = 28,
        SLOT_MUTABLE_DATA = 51, SLOT_ELEMENT_TYPE = 60, SLOT_DIMS_COUNT = 61, SLOT_DIMS = 62,
-       SLOT_TYPE_AND_SHAPE = 65, SLOT_ATTR_FLOAT = 85, SLOT_ATTR_INT64 = 86, SLOT_INPUT_COUNT = 88,
+       SLOT_TYPE_AND_SHAPE = 65, SLOT_ATTR_FLOAT = 85, SLOT_ATTR_INT64 = 86, SLOT_INPUT_COUNT = 88, SLOT_OUTPUT_COUNT = 89,
        SLOT_INPUT = 90, SLOT_OUTPUT = 91, SLOT_RELEASE_STATUS = 93, SLOT_RELEASE_SHAPE = 99,
        SLOT_PARALLEL_FOR = 274 };
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_FLOAT16 = 10 };
@@ -62,11 +62,12 @@ float op_attr_float(const OrtKernelInfo *info, const char *name, float fallback)
 OrtStatus *op_input(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t *dims, size_t *rank);
 /* Input i's data, required, of element type `type` and `elements` elements in all. */
 OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t elements);
-/* Output i allocated (or the bound buffer fetched) with the given dims, and its data. */
+/* Output i allocated (or the bound buffer fetched) with the given dims, and its data; NULL data for an absent
+   optional output. */
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data);
 
 extern OrtCustomOp matmul_nbits_op, gelu_mlp_nbits_op, group_query_attention_op, group_query_attention_half_cache_op,
-    group_query_attention_int8_cache_op;
+    group_query_attention_int8_cache_op, skip_layer_norm_op, skip_simplified_layer_norm_op;
 #endif

@@ -57,10 +57,14 @@ OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data
 }
 
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
-    OrtValue *out;
+    size_t count = 0;
+    OrtValue *out = 0;
+    *data = 0;
+    CHECK(CALL(SLOT_OUTPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *), ctx, &count));
+    if (i >= count) return 0;
     CHECK(CALL(SLOT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **),
                ctx, i, dims, rank, &out));
-    return CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **), out, data);
+    return out ? CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **), out, data) : 0;
 }
 
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data) {
@@ -72,7 +76,8 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits, GeluMlpNBits and GroupQueryAttention(HalfCache|Int8Cache). The only
+/* Adds domain "edgelmm" with MatMulNBits, GeluMlpNBits, GroupQueryAttention(HalfCache|Int8Cache) and
+   Skip(Simplified)LayerNormalization. The only
    symbol the library exports. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                     const OrtApiBase *base) {
@@ -88,7 +93,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     OrtCustomOpDomain *domain;
     CHECK(CALL(SLOT_CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **), "edgelmm", &domain));
     const OrtCustomOp *ops[] = {&matmul_nbits_op, &gelu_mlp_nbits_op, &group_query_attention_op,
-                                &group_query_attention_half_cache_op, &group_query_attention_int8_cache_op};
+                                &group_query_attention_half_cache_op, &group_query_attention_int8_cache_op,
+                                &skip_layer_norm_op, &skip_simplified_layer_norm_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
         CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, ops[i]));
     return CALL(SLOT_ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *), options, domain);

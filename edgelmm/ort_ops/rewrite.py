@@ -9,7 +9,8 @@ opset import for ``edgelmm``. External-data initializers stay references. Eligib
   softcap, sliding window, smooth softmax, interleaved rotary or qk output. By default it becomes
   ``GroupQueryAttentionHalfCache`` and its past/present graph inputs/outputs float16: half the cache's memory
   and the bytes each decode step reads; with an int8 cache ``GroupQueryAttentionInt8Cache``, past/present int8
-  with rows of head_dim + 4 (each row's fp32 scale after its values; the last dimension becomes symbolic).
+  with rows of head_dim + 4 (each row's fp32 scale after its values; the last dimension becomes symbolic);
+- ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``: always.
 A ``FastGelu`` (no bias input) whose input is an eligible ``MatMulNBits``'s only use (Phi's fc1) is fused into
 it: the matmul writes the FastGelu's output, with attribute ``gelu_tanh`` = 1, and the FastGelu node goes (one
 pass over the activations and a buffer of them fewer). When the FastGelu's output in turn is only the input of
@@ -35,6 +36,7 @@ _ATTR_NAME, _ATTR_FLOAT, _ATTR_INT, _ATTR_TYPE, _ATTR_GRAPHS = 1, 2, 3, 20, (6, 
 _ATTR_TYPE_INT = 2
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_NORM_INPUTS = {"SkipLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4}  # norm_op.c's inputs
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -124,6 +126,8 @@ def _eligible(op_type: str, domain: str, inputs: list[str], attrs: dict) -> bool
         return (bits in (4, 8) and attrs.get("accuracy_level") == 4 and 16 <= block <= min(k, deepest)
                 and block & (block - 1) == 0 and k % block == 0 and 0 < n and max(k, n) <= 1 << 24
                 and not any(inputs[4:5]))  # as matmul_op.c's create() requires
+    if op_type in _NORM_INPUTS:
+        return len(inputs) <= _NORM_INPUTS[op_type]
     if op_type == "GroupQueryAttention":
         defaults = {"rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1, "smooth_softmax": 0,
                     "qk_output": 0}
