@@ -91,9 +91,9 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
 
     def options():
         opts = session_options(threads, profile_prefix)
-        # no memory pattern: onnxruntime would place a repeated prompt's activations in one new block beside
-        # the arena chunks its first run left (Phi-2, a second 800-token answer: +28 MB of peak RSS)
-        opts.enable_mem_pattern = False
+        # on CPU no memory pattern: onnxruntime would place a repeated prompt's activations in one new block
+        # beside the arena chunks its first run left (Phi-2, a second 800-token answer: +28 MB of peak RSS)
+        opts.enable_mem_pattern = providers != ["CPUExecutionProvider"]
         return opts
 
     if edgelmm_ops and providers == ["CPUExecutionProvider"]:
@@ -208,10 +208,14 @@ class OnnxBackend:
         """Run the prompt from position 0 (image positions take ``features`` in order; None: a text-only
         prompt); logits [V]. A prompt longer than the decoder's chunk is embedded chunk by chunk too, so no
         whole-prompt embeddings are held."""
+        if not ids:
+            raise ConfigError("the prompt is empty")
         image = np.isin(np.asarray(ids), self.image_ids)
         given = 0 if features is None else features.shape[0] * features.shape[1]
         if int(image.sum()) != given:
             raise ConfigError(f"the prompt has {int(image.sum())} image positions but the image gives {given} tokens")
+        if features is not None:  # [B, N, D]: spliced flattened, in order
+            features = features.reshape(1, given, features.shape[-1])
         for start, end in chunk_bounds(len(ids), self.decoder.chunk):
             first, last = int(image[:start].sum()), int(image[:end].sum())  # the chunk's image features
             part = features[:, first:last] if last > first else self.no_image

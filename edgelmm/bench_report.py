@@ -74,7 +74,7 @@ def _ms(s: dict | None) -> str:
 
 def table(systems: list[dict]) -> str:
     head = (f"{'system':<18}{'scope':<9}{'weights':<18}{'prep ms':>8}{'vis ms':>8}{'prefill ms':>11}{'TTFT s':>9}"
-            f"{'decode tok/s (min-max)':>30}{'peak RSS GB':>13}{'RSS/W':>7}{'BW GB/s (%)':>15}")
+            f"{'decode tok/s (min-max)':>30}{'peak RSS GB':>13}{'RSS/W':>8}{'BW GB/s (%)':>15}")
     rows = [head, "-" * len(head)]
     for s in systems:
         if s["status"] != "ok":
@@ -87,7 +87,7 @@ def table(systems: list[dict]) -> str:
         scope = "VLM" if s["scope"] == "vlm" else "LM only"
         rows.append(f"{s['name']:<18}{scope:<9}{s['weights'][:17]:<18}{_ms(s['preprocess_s']):>8}"
                     f"{_ms(s['vision_s']):>8}{_ms(s['prefill_s']):>11}{s['ttft_s']['median']:>9.3f}{rate:>30}"
-                    f"{s['peak_rss_bytes'] / 1e9:>13.2f}{s['rss_over_weights']:>7.2f}{bw:>15}")
+                    f"{s['peak_rss_bytes'] / 1e9:>13.2f} {s['rss_over_weights']:>7.2f} {bw:>14}")
     if any(s.get("scope") == "language-model-only" for s in systems):
         rows.append("LM only: the language model alone, fed an equal-length prompt of text token ids "
                     "(no image preprocessing or vision encoder).")

@@ -95,6 +95,11 @@ def test_report_fields_types_and_units(report):
     assert lm_only["model_path"] == by_name["edgelmm-onnx4"]["model_path"]  # one export for both
     assert lm_only["vision_s"] is None and lm_only["weights"] == by_name["edgelmm-onnx4"]["weights"]
     assert "device: cpu" in stdout and "memory bandwidth" in stdout and "jetson_clocks: n/a" in stdout
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line.split()}
+    assert "RSS/W" in stdout
+    for name, system in by_name.items():  # the table shows each system's peak RSS over its weights
+        if system["status"] == "ok":
+            assert f" {system['rss_over_weights']:.2f} " in rows[name], name
 
 
 @pytest.mark.skipif(not HAS["matplotlib"], reason="matplotlib not installed")

@@ -137,6 +137,8 @@ def test_language_model_alone_without_the_vision_graph(exports):
         backend.encode_image(model.pixels(sample_image()))
     with pytest.raises(ConfigError, match="image positions"):
         backend.prefill(ids, None)
+    with pytest.raises(ConfigError, match="empty"):
+        backend.prefill([], None)
 
 
 @pytest.mark.parametrize("family,layout,llm", CASES)

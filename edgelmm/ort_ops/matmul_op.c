@@ -21,10 +21,10 @@ typedef struct { const uint8_t *B, *zp; const float *scales, *bias; } Weights;
 typedef struct { int8_t *q; float *scale; int32_t *sum; } Quantized;  /* rows quantized per block (nbits_quantize_rows) */
 
 static OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gelu, Linear *out) {
-    if (bits != 4 && bits != 8) return op_error("edgelmm.MatMulNBits: bits must be 4 or 8");
+    if (bits != 4 && bits != 8) return op_error("edgelmm nbits matmul: bits must be 4 or 8");
     if (bs < 16 || bs > (bits == 4 ? 4096 : 2048) || (bs & (bs - 1)) || K < bs || K % bs)  /* a block fits a panel */
-        return op_error("edgelmm.MatMulNBits: block_size must be a power of 2 from 16 to 4096 (8-bit: 2048) dividing K");
-    if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm.MatMulNBits: K and N must be 1 .. 2^24");
+        return op_error("edgelmm nbits matmul: block_size must be a power of 2 from 16 to 4096 (8-bit: 2048) dividing K");
+    if (N < 1 || K > (1 << 24) || N > (1 << 24)) return op_error("edgelmm nbits matmul: K and N must be 1 .. 2^24");
     *out = (Linear){.K = (int)K, .N = (int)N, .bs = (int)bs, .bits = (int)bits, .gelu = gelu};
     return 0;
 }
@@ -137,11 +137,11 @@ static OrtStatus *rows_in_out(OrtKernelContext *ctx, int K, int N, const float *
     int64_t dims[8], rows = 1;
     void *a, *c;
     CHECK(op_input(ctx, 0, T_FLOAT, &a, dims, &rank));
-    if (rank < 1 || dims[rank - 1] != K) return op_error("edgelmm.MatMulNBits: A's last dimension is not K");
+    if (rank < 1 || dims[rank - 1] != K) return op_error("edgelmm nbits matmul: A's last dimension is not K");
     for (size_t i = 0; i + 1 < rank; i++) rows *= dims[i];
     dims[rank - 1] = N;
     CHECK(op_output(ctx, 0, dims, rank, &c));
-    if (rows > (1 << 24)) return op_error("edgelmm.MatMulNBits: too many rows");
+    if (rows > (1 << 24)) return op_error("edgelmm nbits matmul: too many rows");
     *A = a; *C = c; *M = (int)rows;
     return 0;
 }
@@ -203,7 +203,8 @@ static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(weights(ctx, 6, down, &w_down));
     CHECK(rows_in_out(ctx, up->K, down->N, &A, &C, &M));
     if (M == 0) return 0;
-    const int chunk = down->bs > MLP_CHUNK ? down->bs : MLP_CHUNK;
+    /* one token: its whole intermediate row at once (N floats); a prompt: MLP_CHUNK columns at a time */
+    const int chunk = M == 1 ? up->N : down->bs > MLP_CHUNK ? down->bs : MLP_CHUNK;
     Quantized x, h;  /* both allocated (and freed) whatever fails */
     float *made = malloc((size_t)M * chunk * sizeof(float));  /* up-projection columns [c0, c0 + chunk) */
     const int x_ok = alloc_quantized(&x, M, up->K, up->bs), h_ok = alloc_quantized(&h, M, up->N, down->bs);

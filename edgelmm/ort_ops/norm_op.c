@@ -78,15 +78,18 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(op_input(ctx, 0, T_FLOAT, &x, dims, &rank));
     if (rank < 1 || dims[rank - 1] < 1) return op_error("edgelmm.SkipLayerNormalization: input has no hidden dimension");
     const int64_t H = dims[rank - 1];
-    int64_t rows = 1, skip_elements;
+    int64_t rows = 1, skip_rows = 1, skip_dims[8];
     for (size_t d = 0; d + 1 < rank; d++) rows *= dims[d];
-    int64_t skip_dims[8];
-    size_t skip_rank = 0;
+    if (rows > (1 << 30) || H > (1 << 24)) return op_error("edgelmm.SkipLayerNormalization: input too large");
+    size_t skip_rank = 0, lead = 0;
     CHECK(op_input(ctx, 1, T_FLOAT, &skip, skip_dims, &skip_rank));
-    skip_elements = skip ? 1 : 0;
-    for (size_t d = 0; d < skip_rank; d++) skip_elements *= skip_dims[d];
-    const int64_t skip_rows = skip_elements / H;
-    if (!skip || skip_elements % H || skip_rows < 1 || (rows && rows % skip_rows) || rows > (1 << 30) || H > (1 << 24))
+    while (lead < skip_rank && skip_dims[lead] == 1) lead++;  /* leading 1s broadcast */
+    int same = skip && skip_rank - lead <= rank;  /* the rest: input's trailing dimensions */
+    for (size_t d = lead; same && d < skip_rank; d++) {
+        same = skip_dims[d] == dims[rank - skip_rank + d];
+        skip_rows *= d + 1 < skip_rank ? skip_dims[d] : 1;
+    }
+    if (!same || skip_rank < 1 || skip_dims[skip_rank - 1] != H)
         return op_error("edgelmm.SkipLayerNormalization: skip must have input's shape or broadcast over it");
     CHECK(op_input_sized(ctx, 2, T_FLOAT, &gamma, H));
     const int bias_input = node->simplified ? 3 : 4;
@@ -99,9 +102,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     for (size_t d = 0; d < rank; d++) stat_dims[d] = dims[d];
     stat_dims[rank - 1] = 1;
     CHECK(op_output(ctx, 0, dims, rank, &out));
-    CHECK(op_output(ctx, 1, stat_dims, rank, &mean));
-    CHECK(op_output(ctx, 2, stat_dims, rank, &inv_std));
-    CHECK(op_output(ctx, 3, dims, rank, &sum));
+    CHECK(op_optional_output(ctx, 1, stat_dims, rank, &mean));
+    CHECK(op_optional_output(ctx, 2, stat_dims, rank, &inv_std));
+    CHECK(op_optional_output(ctx, 3, dims, rank, &sum));
     Work w = {.node = node, .rows = (int)rows, .H = (int)H, .skip_rows = (int)skip_rows,
               .tasks = rows >= 64 ? TASKS : 1, .x = x, .skip = skip, .gamma = gamma, .beta = beta, .bias = bias,
               .out = out, .mean = mean, .inv_std = inv_std, .sum = sum};

@@ -62,9 +62,10 @@ float op_attr_float(const OrtKernelInfo *info, const char *name, float fallback)
 OrtStatus *op_input(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t *dims, size_t *rank);
 /* Input i's data, required, of element type `type` and `elements` elements in all. */
 OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data, int64_t elements);
-/* Output i allocated (or the bound buffer fetched) with the given dims, and its data; NULL data for an absent
-   optional output. */
+/* Output i allocated (or the bound buffer fetched) with the given dims, and its data (an error when absent). */
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
+/* The same for an optional output: NULL data when the node does not produce it. */
+OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data);
 

@@ -56,7 +56,7 @@ OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data
     return *data && n == elements ? 0 : op_error("edgelmm op: an input is missing or has the wrong size");
 }
 
-OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
+OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
     size_t count = 0;
     OrtValue *out = 0;
     *data = 0;
@@ -65,6 +65,11 @@ OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_
     CHECK(CALL(SLOT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **),
                ctx, i, dims, rank, &out));
     return out ? CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **), out, data) : 0;
+}
+
+OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
+    CHECK(op_optional_output(ctx, i, dims, rank, data));
+    return *data ? 0 : op_error("edgelmm op: a required output is missing");
 }
 
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data) {

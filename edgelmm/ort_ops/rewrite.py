@@ -183,13 +183,13 @@ def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int
     gelus = {producer[inputs[0]]: j for j, (op, domain, inputs, _, _) in nodes.items()
              if op == "FastGelu" and domain == "com.microsoft" and not any(inputs[1:]) and inputs[0] in producer
              and inputs[0] in only_use}
-    mlps = {}
-    for up, gelu in gelus.items():
+    mlps, used = {}, set()  # a matmul joins one fusion at most (MLPs may chain: fc2 -> FastGelu -> ...)
+    for up, gelu in sorted(gelus.items()):
         down = reader.get(nodes[gelu][3][0])
-        if down is not None and matmuls[down][4]["K"] == matmuls[up][4]["N"]:
+        if down is not None and not {up, down} & used and matmuls[down][4]["K"] == matmuls[up][4]["N"]:
             mlps[down] = (up, gelu)
-    fused_ups = {up for up, _ in mlps.values()}
-    return {up: gelu for up, gelu in gelus.items() if up not in fused_ups}, mlps
+            used |= {up, down}
+    return {up: gelu for up, gelu in gelus.items() if up not in used}, mlps
 
 
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
