@@ -80,7 +80,7 @@ def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float
     dec = KVDecoder(session, cfg, np.float32, context, chunk=prefill_chunk())
     embeds = rng.standard_normal((1, prompt, cfg.hidden_size), dtype=np.float32)
     t0 = time.perf_counter()
-    logits = dec.run(embeds, prompt)
+    logits = dec.prefill(prompt, lambda start, end: embeds[:, start:end])
     t1 = time.perf_counter()
     table = rng.standard_normal((64, cfg.hidden_size)).astype(np.float32)  # stand-in token embeddings
     for i in range(new):

@@ -6,7 +6,7 @@ The KV cache is one preallocated OrtValue per layer and per K/V, of the whole co
 as the decoder's ``past_key_values.i.*`` input and as its ``present.i.*`` output, so GroupQueryAttention
 appends to it in place (past/present buffer sharing) and no step copies the cache. Logits go to a
 preallocated output; on CUDA the embeddings stay on the device between the embedding and decoder runs
-(a prompt longer than ``EDGELMM_PREFILL_CHUNK`` is split on the host).
+(a prompt longer than ``EDGELMM_PREFILL_CHUNK`` is embedded and run chunk by chunk).
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
 class KVDecoder:
     """A decoder session with its preallocated KV buffers (one OrtValue per layer and K/V, bound as both
     past and present) and logits output, bound once; ``run`` binds only the step's embeddings and mask.
-    Prompts longer than ``chunk`` tokens (0: no limit) run in equal chunks (``onnx_config.prefill_chunk``)."""
+    ``prefill`` runs a prompt longer than ``chunk`` tokens (0: no limit) in equal chunks
+    (``onnx_config.prefill_chunk``)."""
 
     def __init__(self, session, text, dtype, max_seq_len: int, device_type: str = "cpu", chunk: int = 0):
         ort = _ort()
@@ -141,12 +142,6 @@ class KVDecoder:
         hold positions 0..total-S-1. Returns the last position's logits [V] as float32."""
         if total > self.max_seq_len:
             raise ConfigError(f"position {total - 1} is past the {self.max_seq_len}-token KV cache")
-        seq = embeds.shape[1] if isinstance(embeds, np.ndarray) else embeds.shape()[1]
-        if self.chunk and seq > self.chunk:
-            embeds = embeds if isinstance(embeds, np.ndarray) else embeds.numpy()
-            for start, end in chunk_bounds(seq, self.chunk):
-                logits = self.run(embeds[:, start:end], total - seq + end)
-            return logits
         if isinstance(embeds, np.ndarray):
             self.binding.bind_cpu_input("inputs_embeds", embeds)
         else:
@@ -154,6 +149,13 @@ class KVDecoder:
         self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
         self.session.run_with_iobinding(self.binding)
         return self.logits.numpy()[0, -1].astype(np.float32)  # a copy: the buffer is rewritten next step
+
+    def prefill(self, seq: int, embed) -> np.ndarray:
+        """Run a ``seq``-token prompt from position 0, chunk by chunk: ``embed(start, end)`` gives positions
+        start..end-1's embeddings (so no whole-prompt embeddings need exist). The last position's logits [V]."""
+        for start, end in chunk_bounds(seq, self.chunk):
+            logits = self.run(embed(start, end), end)
+        return logits
 
 
 class OnnxBackend:
@@ -206,21 +208,21 @@ class OnnxBackend:
 
     def prefill(self, ids: list[int], features: np.ndarray | None) -> np.ndarray:
         """Run the prompt from position 0 (image positions take ``features`` in order; None: a text-only
-        prompt); logits [V]. A prompt longer than the decoder's chunk is embedded chunk by chunk too, so no
-        whole-prompt embeddings are held."""
+        prompt); logits [V]. Embedded chunk by chunk with the decoder's chunks."""
         if not ids:
             raise ConfigError("the prompt is empty")
-        image = np.isin(np.asarray(ids), self.image_ids)
+        images_before = np.concatenate([[0], np.cumsum(np.isin(np.asarray(ids), self.image_ids))])  # [len + 1]
         given = 0 if features is None else features.shape[0] * features.shape[1]
-        if int(image.sum()) != given:
-            raise ConfigError(f"the prompt has {int(image.sum())} image positions but the image gives {given} tokens")
+        if images_before[-1] != given:
+            raise ConfigError(f"the prompt has {images_before[-1]} image positions but the image gives {given} tokens")
         if features is not None:  # [B, N, D]: spliced flattened, in order
             features = features.reshape(1, given, features.shape[-1])
-        for start, end in chunk_bounds(len(ids), self.decoder.chunk):
-            first, last = int(image[:start].sum()), int(image[:end].sum())  # the chunk's image features
-            part = features[:, first:last] if last > first else self.no_image
-            logits = self.decoder.run(self._embed(ids[start:end], part), end)
-        return logits
+
+        def embed(start, end):
+            first, last = images_before[start], images_before[end]  # the chunk's image features
+            return self._embed(ids[start:end], features[:, first:last] if last > first else self.no_image)
+
+        return self.decoder.prefill(len(ids), embed)
 
     def decode(self, token: int, position: int) -> np.ndarray:
         """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""

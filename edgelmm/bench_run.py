@@ -12,7 +12,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -110,13 +109,13 @@ class EdgeSession:
         if self.lm_only:
             from .backend_onnx import OnnxBackend
 
-            backend = OnnxBackend.load(Path(job["model"]), job["device"], context, vision=False)
-            self.lm, self.ids = SimpleNamespace(backend=backend, spec=backend.spec), job["text_prompt_ids"]
+            self.lm, self.ids = None, job["text_prompt_ids"]
+            self.backend = OnnxBackend.load(Path(job["model"]), job["device"], context, vision=False)
         else:
             self.lm = EdgeLMM.load(job["model"], device=job["device"], dtype=None if onnx else job["dtype"],
                                    context_length=context)
-            self.ids = bench_prompt(self.lm, job["prompt_tokens"])
-        backend, t = self.lm.backend, self.lm.spec.text
+            self.ids, self.backend = bench_prompt(self.lm, job["prompt_tokens"]), self.lm.backend
+        backend, t = self.backend, self.backend.spec.text
         if onnx:
             cfg = backend.config
             self.weight_bytes = onnx_decode_bytes(cfg.decoder)
@@ -133,28 +132,22 @@ class EdgeSession:
         self.kv_bytes_per_position = 2 * t.num_layers * t.num_kv_heads * row_bytes
 
     def run(self, new_tokens: int) -> dict:
-        lm, backend = self.lm, self.lm.backend
-        if self.lm_only:
+        lm, backend = self.lm, self.backend
+        preprocess_s = vision_s = features = None
+        if not self.lm_only:
             t0 = time.perf_counter()
-            token = int(np.argmax(backend.prefill(self.ids, None)))
+            pixels = lm.pixels(self.job["image"])
+            lm.prompt_ids(QUESTION)  # tokenizing and templating is part of preprocessing
             t1 = time.perf_counter()
-            for position in range(len(self.ids), len(self.ids) + new_tokens - 1):
-                token = int(np.argmax(backend.decode(token, position)))
-            return {"preprocess_s": None, "vision_s": None, "prefill_s": t1 - t0,
-                    "decode_s": time.perf_counter() - t1, "decode_steps": new_tokens - 1}
-        t0 = time.perf_counter()
-        pixels = lm.pixels(self.job["image"])
-        lm.prompt_ids(QUESTION)  # tokenizing and templating is part of preprocessing
-        t1 = time.perf_counter()
-        features = backend.encode_image(pixels)
+            features = backend.encode_image(pixels)
+            preprocess_s, vision_s = t1 - t0, time.perf_counter() - t1
         t2 = time.perf_counter()
         token = int(np.argmax(backend.prefill(self.ids, features)))
         t3 = time.perf_counter()
         for position in range(len(self.ids), len(self.ids) + new_tokens - 1):
             token = int(np.argmax(backend.decode(token, position)))
-        t4 = time.perf_counter()
-        return {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
-                "decode_steps": new_tokens - 1}
+        return {"preprocess_s": preprocess_s, "vision_s": vision_s, "prefill_s": t3 - t2,
+                "decode_s": time.perf_counter() - t3, "decode_steps": new_tokens - 1}
 
 
 def uses_torch(job: dict) -> bool:

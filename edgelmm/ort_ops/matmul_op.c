@@ -40,7 +40,7 @@ static OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, 
     CHECK(op_input(ctx, first + 3, T_INT32, &g_idx, 0, 0));
     CHECK(op_input(ctx, first + 4, T_FLOAT, &bias, 0, 0));
     if (bias) CHECK(op_input_sized(ctx, first + 4, T_FLOAT, &bias, l->N));
-    if (g_idx) return op_error("edgelmm.MatMulNBits: g_idx is not supported");
+    if (g_idx) return op_error("edgelmm nbits matmul: g_idx is not supported");
     *w = (Weights){.B = B, .zp = zp, .scales = scales, .bias = bias};
     return 0;
 }
@@ -114,7 +114,7 @@ static OrtStatus *multiply(OrtKernelContext *ctx, const Linear *l, const Weights
               .tasks = n_end - n_begin >= 256 ? TASKS : 1};
     if (M > 1) {
         OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
-        return status ? status : w.failed ? op_error("edgelmm.MatMulNBits: out of memory") : 0;
+        return status ? status : w.failed ? op_error("edgelmm nbits matmul: out of memory") : 0;
     }
     const int chunks = nbits_gemv_chunks(l->bits, l->K);
     w.ag = malloc((size_t)chunks * 128);
@@ -122,7 +122,7 @@ static OrtStatus *multiply(OrtKernelContext *ctx, const Linear *l, const Weights
     w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
     OrtStatus *status = 0;
     if (!w.ag || !w.lane_scale || !w.lane_zsum) {
-        status = op_error("edgelmm.MatMulNBits: out of memory");
+        status = op_error("edgelmm nbits matmul: out of memory");
     } else {
         nbits_gemv_prepare(l->bits, l->K, l->bs, q->q, q->scale, w.ag, w.lane_scale, w.lane_zsum);
         status = op_parallel(ctx, gemv_task, w.tasks, &w);

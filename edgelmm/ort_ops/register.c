@@ -56,20 +56,26 @@ OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data
     return *data && n == elements ? 0 : op_error("edgelmm op: an input is missing or has the wrong size");
 }
 
-OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
+/* Output i's data; an absent output (past the node's outputs, or unnamed) errors when required, else NULL. */
+static OrtStatus *output_data(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, int required,
+                              void **data) {
     size_t count = 0;
     OrtValue *out = 0;
     *data = 0;
     CHECK(CALL(SLOT_OUTPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *), ctx, &count));
-    if (i >= count) return 0;
-    CHECK(CALL(SLOT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **),
-               ctx, i, dims, rank, &out));
-    return out ? CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **), out, data) : 0;
+    if (i < count)
+        CHECK(CALL(SLOT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **),
+                   ctx, i, dims, rank, &out));
+    if (!out) return required ? op_error("edgelmm op: a required output is missing") : 0;
+    return CALL(SLOT_MUTABLE_DATA, OrtStatus *(*)(OrtValue *, void **), out, data);  /* NULL for 0 elements */
 }
 
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
-    CHECK(op_optional_output(ctx, i, dims, rank, data));
-    return *data ? 0 : op_error("edgelmm op: a required output is missing");
+    return output_data(ctx, i, dims, rank, 1, data);
+}
+
+OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data) {
+    return output_data(ctx, i, dims, rank, 0, data);
 }
 
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data) {
