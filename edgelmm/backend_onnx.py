@@ -63,12 +63,17 @@ def _shared_cpu_arena() -> bool:
     return True
 
 
-def session_options(threads: int | None = None, profile_prefix: str | None = None):
-    """SessionOptions: ``threads`` intra-op threads (default ``EDGELMM_THREADS`` or onnxruntime's choice),
-    full graph optimization, the shared CPU arena, optional profiling to ``profile_prefix``."""
+def session_options(providers: list[str], threads: int | None = None, profile_prefix: str | None = None):
+    """SessionOptions for a session on ``providers``: ``threads`` intra-op threads (default ``EDGELMM_THREADS``
+    or onnxruntime's choice), full graph optimization, the shared CPU arena, optional profiling to
+    ``profile_prefix``. On CPU alone no memory pattern: from its second run with the same shapes onnxruntime
+    would put all of a graph's activations in one new block beside the arena chunks the first run left (Phi-2:
+    a second 800-token answer +28 MB of peak RSS in the decoder, the second 400-token chunk +10 MB in the
+    embedding graph)."""
     ort = _ort()
     _shared_cpu_arena()
     opts = ort.SessionOptions()
+    opts.enable_mem_pattern = providers != ["CPUExecutionProvider"]
     opts.add_session_config_entry("session.use_env_allocators", "1")
     threads = threads or int(os.environ.get("EDGELMM_THREADS", "0"))
     if threads:
@@ -89,15 +94,8 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
     on stderr."""
     ort = _ort()
 
-    def options():
-        opts = session_options(threads, profile_prefix)
-        # on CPU no memory pattern: onnxruntime would place a repeated prompt's activations in one new block
-        # beside the arena chunks its first run left (Phi-2, a second 800-token answer: +28 MB of peak RSS)
-        opts.enable_mem_pattern = providers != ["CPUExecutionProvider"]
-        return opts
-
     if edgelmm_ops and providers == ["CPUExecutionProvider"]:
-        opts, cache = options(), ort_ops.kv_cache()
+        opts, cache = session_options(providers, threads, profile_prefix), ort_ops.kv_cache()
         try:
             model, moved = ort_ops.rewrite_model(Path(path).read_bytes(), cache)
             if moved:
@@ -107,7 +105,8 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
                 return ort.InferenceSession(model, opts, providers=providers), True
         except Exception as e:  # noqa: BLE001 - any failure of the ops falls back to onnxruntime's kernels
             print(f"edgelmm: edgelmm's CPU ops did not load, using onnxruntime's kernels ({e})", file=sys.stderr)
-    return ort.InferenceSession(str(path), options(), providers=providers), False
+    return ort.InferenceSession(str(path), session_options(providers, threads, profile_prefix),
+                                providers=providers), False
 
 
 class KVDecoder:
@@ -181,12 +180,13 @@ class OnnxBackend:
         ort = _ort()
         config = OnnxConfig.read(folder)
         chosen = providers(config.target, device)
-        opts = session_options(threads)
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
         decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
                                                edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
-        sessions = {"vision": ort.InferenceSession(str(config.vision), opts, providers=chosen) if vision else None,
-                    "embedding": ort.InferenceSession(str(config.embedding), opts, providers=no_trt),
+        sessions = {"vision": ort.InferenceSession(str(config.vision), session_options(chosen, threads),
+                                                   providers=chosen) if vision else None,
+                    "embedding": ort.InferenceSession(str(config.embedding), session_options(no_trt, threads),
+                                                      providers=no_trt),
                     "decoder": decoder}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)

@@ -182,3 +182,76 @@ def test_rewrite_moves_plain_attention_and_retypes_its_cache():
         if value.name.startswith(("past", "present")):  # int8 rows of values + scale: a symbolic last dim
             assert value.type.tensor_type.elem_type == TensorProto.INT8
             assert value.name.startswith("present") or value.type.tensor_type.shape.dim[-1].dim_param == "cache_row"
+
+
+def _projected_model(heads, kv_heads, head_dim, rotary_half, k, seed, also_output_qkv=False) -> onnx.ModelProto:
+    """x [1, s, k] -> MatMulNBits (4-bit, block 32, bias) -> packed q|k|v -> com.microsoft GroupQueryAttention;
+    ``also_output_qkv``: the projection is a graph output too (then nothing is fused)."""
+    rng = np.random.default_rng(seed)
+    n = (heads + 2 * kv_heads) * head_dim
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, k // 32, 16)
+    scales = rng.uniform(0.02, 0.05, (n, k // 32)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) * 0.1
+    model = _model("com.microsoft", heads, kv_heads, head_dim, True, rotary_half)
+    graph = model.graph
+    graph.initializer.extend([onnx.numpy_helper.from_array(a, name)
+                              for a, name in ((packed, "qkv_b"), (scales, "qkv_s"), (bias, "qkv_bias"))])
+    graph.node.insert(0, helper.make_node("MatMulNBits", ["x", "qkv_b", "qkv_s", "", "", "qkv_bias"], ["query"],
+                                          domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=4))
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k]))
+    if also_output_qkv:
+        graph.output.append(helper.make_tensor_value_info("query", TensorProto.FLOAT, None))
+    return model
+
+
+def _run_steps(model: bytes, custom: bool, feeds, caches):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    if custom:
+        opts.register_custom_ops_library(str(ort_ops.library()))
+    session, results = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]), []
+    for feed in feeds:
+        out = session.run(["out", "present_key", "present_value"], {**feed, "past_key": caches[0], "past_value": caches[1]})
+        caches = out[1], out[2]
+        results.append(out)
+    return results
+
+
+PROJECTED = [  # heads, kv heads, head dim, rotary_dim / 2, prompt: one group of q|k|v columns or several
+    (4, 4, 80, 16, 70),     # Phi-2's layout, short: all heads' columns at once
+    (8, 8, 80, 16, 300),    # Phi-2's layout, 300 rows: two groups of 4 heads (320 columns of each of q, k, v)
+    (8, 2, 64, 0, 1100),    # grouped heads: two groups of one kv head and its 4 query heads
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("cache", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_half,prompt", PROJECTED)
+def test_qkv_projection_fused_with_attention(heads, kv_heads, head_dim, rotary_half, prompt, cache):
+    """A MatMulNBits read only as a GroupQueryAttention's packed query becomes one QkvGroupQueryAttention, which
+    makes the prompt's q|k|v a few heads' columns at a time: bit-identical to edgelmm's two ops (a prompt, then
+    two single tokens), and close to onnxruntime's two nodes."""
+    k = 128
+    fused, moved = ort_ops.rewrite_model(_projected_model(heads, kv_heads, head_dim, rotary_half, k, 3)
+                                         .SerializeToString(), cache)
+    nodes = onnx.load_from_string(fused).graph.node
+    assert moved == 1 and [n.op_type for n in nodes] == ["Qkv" + ort_ops.CACHE_OPS[cache][0]]
+    unfused, moved = ort_ops.rewrite_model(_projected_model(heads, kv_heads, head_dim, rotary_half, k, 3, True)
+                                           .SerializeToString(), cache)
+    assert moved == 2 and [n.op_type for n in onnx.load_from_string(unfused).graph.node] == [
+        "MatMulNBits", ort_ops.CACHE_OPS[cache][0]]
+    rng = np.random.default_rng(11)
+    _, feeds = _feeds(rng, heads, kv_heads, head_dim, True, rotary_half, [prompt, 1, 1])
+    for feed in feeds:
+        feed["x"] = rng.standard_normal((1, feed.pop("query").shape[1], k)).astype(np.float32)
+    empty = _to_cache(np.zeros((1, kv_heads, 0, head_dim), np.float32), cache)
+    ours = _run_steps(fused, True, feeds, (empty, empty))
+    for a, b in zip(ours, _run_steps(unfused, True, feeds, (empty, empty))):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    theirs = _run_steps(_projected_model(heads, kv_heads, head_dim, rotary_half, k, 3).SerializeToString(), False,
+                        feeds, (np.zeros((1, kv_heads, 0, head_dim), np.float32),) * 2)
+    for a, b in zip(ours, theirs):  # the projection's int8 sums in another order: ~1e-5 more than BOUNDS' fp32
+        for x, y, bound in zip([a[0], *(_from_cache(c, cache) for c in a[1:])], b, [BOUNDS[cache][0]] + 2 * [BOUNDS[cache][1]]):
+            assert x.shape == y.shape
+            assert np.abs(x - y).max() < max(bound, 1e-4) * np.abs(y).max()

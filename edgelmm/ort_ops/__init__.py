@@ -34,7 +34,7 @@ from ..paths import cache_root
 from .rewrite import CACHE_OPS, DOMAIN, rewrite_model
 
 SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "norm_op.c", "register.c")
-HEADERS = ("ort_api.h", "kernels.h", "vec_math.h")
+HEADERS = ("ort_api.h", "kernels.h", "nbits_op.h", "vec_math.h")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mfma", "-mf16c")

@@ -6,21 +6,21 @@
    GeluMlpNBits: MatMulNBits (up, K -> N) -> FastGelu -> MatMulNBits (down, N -> down_N), Phi's MLP, as one op:
    inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
    and down_N, down_bits, down_block_size. The up projection's activations exist only MLP_CHUNK columns at a
-   time, quantized for the down projection as they are made: a prompt's [M, N] fp32 buffer becomes [M, N] int8. */
+   time, quantized for the down projection as they are made: a prompt's [M, N] fp32 buffer becomes [M, N] int8.
+   (Adding each chunk into the down projection's sum as made would drop that too, but costs fc2 20%: its
+   [M, down_N] output no longer stays in cache between the K slices.) Scratch comes from onnxruntime's arena
+   (op_allocator). */
 #include <stdlib.h>
 
 #include "kernels.h"
+#include "nbits_op.h"
 #include "ort_api.h"
 
 
 #define TASKS 8         /* per call, over onnxruntime's threads: contiguous column ranges (rows for quantizing) */
 #define MLP_CHUNK 1024  /* up-projection columns made at a time (whole down-projection blocks) */
 
-typedef struct { int K, N, bs, bits, gelu; } Linear;                /* one MatMulNBits's shape */
-typedef struct { const uint8_t *B, *zp; const float *scales, *bias; } Weights;
-typedef struct { int8_t *q; float *scale; int32_t *sum; } Quantized;  /* rows quantized per block (nbits_quantize_rows) */
-
-static OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gelu, Linear *out) {
+OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gelu, Linear *out) {
     if (bits != 4 && bits != 8) return op_error("edgelmm nbits matmul: bits must be 4 or 8");
     if (bs < 16 || bs > (bits == 4 ? 4096 : 2048) || (bs & (bs - 1)) || K < bs || K % bs)  /* a block fits a panel */
         return op_error("edgelmm nbits matmul: block_size must be a power of 2 from 16 to 4096 (8-bit: 2048) dividing K");
@@ -29,8 +29,7 @@ static OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gel
     return 0;
 }
 
-/* Inputs first .. first+4 of the node: B, scales, zero points, g_idx, bias of the linear l. */
-static OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, Weights *w) {
+OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, Weights *w) {
     void *B, *scales, *zp, *g_idx, *bias;
     const int64_t kb = l->K / l->bs;
     CHECK(op_input_sized(ctx, first, T_UINT8, &B, (int64_t)l->N * l->K * l->bits / 8));
@@ -45,22 +44,24 @@ static OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, 
     return 0;
 }
 
-static int alloc_quantized(Quantized *q, int M, int K, int bs) {
-    q->q = malloc((size_t)M * K);
-    q->scale = malloc((size_t)M * (K / bs) * sizeof(float));
-    q->sum = malloc((size_t)M * (K / bs) * sizeof(int32_t));
+int alloc_quantized(OrtAllocator *a, Quantized *q, int M, int K, int bs) {
+    q->q = op_alloc(a, (size_t)M * K);
+    q->scale = op_alloc(a, (size_t)M * (K / bs) * sizeof(float));
+    q->sum = op_alloc(a, (size_t)M * (K / bs) * sizeof(int32_t));
     return q->q && q->scale && q->sum;
 }
 
-static void free_quantized(Quantized *q) { free(q->q); free(q->scale); free(q->sum); }
+void free_quantized(OrtAllocator *a, Quantized *q) { op_free(a, q->q); op_free(a, q->scale); op_free(a, q->sum); }
 
 typedef struct {
     const Linear *l;
     const Weights *w;
-    int M, K, lda, ldq, n_begin, n_end, ldc, tasks, failed;
+    OrtAllocator *alloc;
+    int M, K, lda, ldq, count, width, ldc, tasks, failed;  /* width: the ranges' columns */
     const float *A;
     Quantized q;
-    float *C, *lane_scale, *lane_zsum;
+    const Columns *ranges;
+    float *lane_scale, *lane_zsum;
     int8_t *ag;
 } Work;
 
@@ -78,48 +79,55 @@ static void quantize_task(void *p, size_t i) {
     nbits_quantize_rows(w->l->bits, b, e, w->K, w->l->bs, w->A, w->lda, w->q.q, w->ldq, w->q.scale, w->q.sum);
 }
 
+/* Task i's share [b, e) of the ranges' columns, laid end to end, to nbits_gemm range by range. */
 static void gemm_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
-    task_range(w->n_begin, w->n_end, w->tasks, (int)i, 16, &b, &e);
+    task_range(0, w->width, w->tasks, (int)i, 64, &b, &e);  /* whole 64-column GEMM tiles */
     if (b >= e) return;
-    uint8_t *scratch = aligned_alloc(64, nbits_scratch_bytes);
+    uint8_t *scratch = op_alloc(w->alloc, nbits_scratch_bytes);
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
-    nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, b, e, w->q.q, w->q.scale, w->q.sum, w->w->B, w->w->scales,
-               w->w->zp, w->w->bias, w->l->gelu, w->C + (b - w->n_begin), w->ldc, scratch);
-    free(scratch);
+    for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++) {
+        const Columns *c = &w->ranges[r];
+        const int lo = b > at ? b : at, hi = e < at + c->n_end - c->n_begin ? e : at + c->n_end - c->n_begin;
+        if (lo < hi)
+            nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, c->n_begin + lo - at, c->n_begin + hi - at, w->q.q,
+                       w->q.scale, w->q.sum, w->w->B, w->w->scales, w->w->zp, w->w->bias, w->l->gelu, c->C + (lo - at),
+                       w->ldc, scratch);
+    }
+    op_free(w->alloc, scratch);
 }
 
 static void gemv_task(void *p, size_t i) {
     Work *w = p;
+    const Columns *c = &w->ranges[0];
     int b, e;
-    task_range(w->n_begin, w->n_end, w->tasks, (int)i, 4, &b, &e);
+    task_range(c->n_begin, c->n_end, w->tasks, (int)i, 4, &b, &e);
     if (b < e)
         nbits_gemv(w->l->bits, w->l->K, w->l->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->w->B, w->w->scales,
-                   w->w->zp, w->w->bias, w->l->gelu, w->C + (b - w->n_begin));
+                   w->w->zp, w->w->bias, w->l->gelu, c->C + (b - c->n_begin));
 }
 
-/* Columns [0, K) of rows A [M, lda] quantized for the linear l into q's rows of ldq values (q pointing at the
-   first column to write). */
-static OrtStatus *quantize(OrtKernelContext *ctx, const Linear *l, int M, int K, const float *A, int lda,
+OrtStatus *quantize(OrtKernelContext *ctx, const Linear *l, int M, int K, const float *A, int lda,
                            Quantized q, int ldq) {
     Work w = {.l = l, .M = M, .K = K, .lda = lda, .ldq = ldq, .A = A, .q = q, .tasks = M >= 64 ? TASKS : 1};
     return op_parallel(ctx, quantize_task, w.tasks, &w);
 }
 
-/* Columns [n_begin, n_end) of the linear l on M quantized rows, to C [M, ldc] (C pointing at column n_begin). */
-static OrtStatus *multiply(OrtKernelContext *ctx, const Linear *l, const Weights *wt, int M, const Quantized *q,
-                           int n_begin, int n_end, float *C, int ldc) {
-    Work w = {.l = l, .w = wt, .M = M, .q = *q, .n_begin = n_begin, .n_end = n_end, .C = C, .ldc = ldc,
-              .tasks = n_end - n_begin >= 256 ? TASKS : 1};
+OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Linear *l, const Weights *wt, int M,
+                          const Quantized *q, const Columns *ranges, int count, int ldc) {
+    Work w = {.l = l, .w = wt, .alloc = alloc, .M = M, .q = *q, .ranges = ranges, .count = count, .ldc = ldc};
+    for (int r = 0; r < count; r++) w.width += ranges[r].n_end - ranges[r].n_begin;
+    w.tasks = w.width >= 256 ? TASKS : 1;
     if (M > 1) {
         OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
         return status ? status : w.failed ? op_error("edgelmm nbits matmul: out of memory") : 0;
     }
+    if (count != 1) return op_error("edgelmm nbits matmul: one range for one row");
     const int chunks = nbits_gemv_chunks(l->bits, l->K);
-    w.ag = malloc((size_t)chunks * 128);
-    w.lane_scale = malloc((size_t)chunks * 16 * sizeof(float));
-    w.lane_zsum = malloc((size_t)chunks * 16 * sizeof(float));
+    w.ag = op_alloc(alloc, (size_t)chunks * 128);
+    w.lane_scale = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
+    w.lane_zsum = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
     OrtStatus *status = 0;
     if (!w.ag || !w.lane_scale || !w.lane_zsum) {
         status = op_error("edgelmm nbits matmul: out of memory");
@@ -127,8 +135,14 @@ static OrtStatus *multiply(OrtKernelContext *ctx, const Linear *l, const Weights
         nbits_gemv_prepare(l->bits, l->K, l->bs, q->q, q->scale, w.ag, w.lane_scale, w.lane_zsum);
         status = op_parallel(ctx, gemv_task, w.tasks, &w);
     }
-    free(w.ag); free(w.lane_scale); free(w.lane_zsum);
+    op_free(alloc, w.ag); op_free(alloc, w.lane_scale); op_free(alloc, w.lane_zsum);
     return status;
+}
+
+OrtStatus *multiply(OrtKernelContext *ctx, OrtAllocator *alloc, const Linear *l, const Weights *wt, int M,
+                    const Quantized *q, int n_begin, int n_end, float *C, int ldc) {
+    const Columns range = {n_begin, n_end, C};
+    return multiply_ranges(ctx, alloc, l, wt, M, q, &range, 1, ldc);
 }
 
 /* Input 0 (A [..., K]) and output 0 ([..., N]) of a node; *M: the rows (0: nothing to compute). */
@@ -146,20 +160,27 @@ static OrtStatus *rows_in_out(OrtKernelContext *ctx, int K, int N, const float *
     return 0;
 }
 
+typedef struct { Linear l; OrtAllocator *alloc; } MatMul;
+
 static OrtStatus *matmul_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
-    Linear l;
+    MatMul m;
     CHECK(linear(op_attr_int(info, "K", 0), op_attr_int(info, "N", 0), op_attr_int(info, "bits", 0),
-                 op_attr_int(info, "block_size", 0), op_attr_int(info, "gelu_tanh", 0) != 0, &l));
-    Linear *node = malloc(sizeof *node);
-    if (!node) return op_error("edgelmm.MatMulNBits: out of memory");
-    *node = l;
+                 op_attr_int(info, "block_size", 0), op_attr_int(info, "gelu_tanh", 0) != 0, &m.l));
+    CHECK(op_allocator(info, &m.alloc));
+    MatMul *node = malloc(sizeof *node);
+    if (!node) {
+        op_release_allocator(m.alloc);
+        return op_error("edgelmm.MatMulNBits: out of memory");
+    }
+    *node = m;
     *out = node;
     return 0;
 }
 
 static OrtStatus *matmul_compute(void *kernel, OrtKernelContext *ctx) {
-    const Linear *l = kernel;
+    const MatMul *node = kernel;
+    const Linear *l = &node->l;
     const float *A;
     float *C;
     int M;
@@ -168,14 +189,15 @@ static OrtStatus *matmul_compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(rows_in_out(ctx, l->K, l->N, &A, &C, &M));
     if (M == 0) return 0;
     Quantized q;
-    OrtStatus *status = alloc_quantized(&q, M, l->K, l->bs) ? 0 : op_error("edgelmm.MatMulNBits: out of memory");
+    OrtStatus *status = alloc_quantized(node->alloc, &q, M, l->K, l->bs) ? 0
+                                                                         : op_error("edgelmm.MatMulNBits: out of memory");
     if (!status) status = quantize(ctx, l, M, l->K, A, l->K, q, l->K);
-    if (!status) status = multiply(ctx, l, &wt, M, &q, 0, l->N, C, l->N);
-    free_quantized(&q);
+    if (!status) status = multiply(ctx, node->alloc, l, &wt, M, &q, 0, l->N, C, l->N);
+    free_quantized(node->alloc, &q);
     return status;
 }
 
-typedef struct { Linear up, down; } Mlp;
+typedef struct { Linear up, down; OrtAllocator *alloc; } Mlp;
 
 static OrtStatus *mlp_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
@@ -185,8 +207,12 @@ static OrtStatus *mlp_create(const OrtCustomOp *op, const OrtApiSlot *api, const
                  &m.up));
     CHECK(linear(N, op_attr_int(info, "down_N", 0), op_attr_int(info, "down_bits", 0),
                  op_attr_int(info, "down_block_size", 0), 0, &m.down));
+    CHECK(op_allocator(info, &m.alloc));
     Mlp *node = malloc(sizeof *node);
-    if (!node) return op_error("edgelmm.GeluMlpNBits: out of memory");
+    if (!node) {
+        op_release_allocator(m.alloc);
+        return op_error("edgelmm.GeluMlpNBits: out of memory");
+    }
     *node = m;
     *out = node;
     return 0;
@@ -206,22 +232,30 @@ static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
     /* one token: its whole intermediate row at once (N floats); a prompt: MLP_CHUNK columns at a time */
     const int chunk = M == 1 ? up->N : down->bs > MLP_CHUNK ? down->bs : MLP_CHUNK;
     Quantized x, h;  /* both allocated (and freed) whatever fails */
-    float *made = malloc((size_t)M * chunk * sizeof(float));  /* up-projection columns [c0, c0 + chunk) */
-    const int x_ok = alloc_quantized(&x, M, up->K, up->bs), h_ok = alloc_quantized(&h, M, up->N, down->bs);
+    float *made = op_alloc(m->alloc, (size_t)M * chunk * sizeof(float));  /* up-projection columns [c0, c0 + chunk) */
+    const int x_ok = alloc_quantized(m->alloc, &x, M, up->K, up->bs);
+    const int h_ok = alloc_quantized(m->alloc, &h, M, up->N, down->bs);
     OrtStatus *status = x_ok && h_ok && made ? 0 : op_error("edgelmm.GeluMlpNBits: out of memory");
     if (!status) status = quantize(ctx, up, M, up->K, A, up->K, x, up->K);
     for (int c0 = 0; !status && c0 < up->N; c0 += chunk) {
         const int width = up->N - c0 < chunk ? up->N - c0 : chunk, b0 = c0 / down->bs;
-        status = multiply(ctx, up, &w_up, M, &x, c0, c0 + width, made, chunk);
+        status = multiply(ctx, m->alloc, up, &w_up, M, &x, c0, c0 + width, made, chunk);
         Quantized columns = {.q = h.q + c0, .scale = h.scale + b0, .sum = h.sum + b0};
         if (!status) status = quantize(ctx, down, M, width, made, chunk, columns, up->N);
     }
-    if (!status) status = multiply(ctx, down, &w_down, M, &h, 0, down->N, C, down->N);
-    free_quantized(&x); free_quantized(&h); free(made);
+    if (!status) status = multiply(ctx, m->alloc, down, &w_down, M, &h, 0, down->N, C, down->N);
+    free_quantized(m->alloc, &x); free_quantized(m->alloc, &h); op_free(m->alloc, made);
     return status;
 }
 
-static void destroy(void *kernel) { free(kernel); }
+static void matmul_destroy(void *kernel) {
+    op_release_allocator(((MatMul *)kernel)->alloc);
+    free(kernel);
+}
+static void mlp_destroy(void *kernel) {
+    op_release_allocator(((Mlp *)kernel)->alloc);
+    free(kernel);
+}
 static const char *matmul_name(const OrtCustomOp *op) { (void)op; return "MatMulNBits"; }
 static const char *mlp_name(const OrtCustomOp *op) { (void)op; return "GeluMlpNBits"; }
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -238,10 +272,10 @@ static int input_kind(const OrtCustomOp *op, size_t i) {  /* A, B, scales; the M
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
-#define NBITS_OP(NAME, INPUTS, CREATE, COMPUTE) { \
+#define NBITS_OP(NAME, INPUTS, CREATE, COMPUTE, DESTROY) { \
     .version = OP_API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider, .GetInputType = input_type, \
     .GetInputTypeCount = INPUTS, .GetOutputType = output_type, .GetOutputTypeCount = output_count, \
-    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind, \
+    .KernelDestroy = DESTROY, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind, \
     .GetInputMemoryType = memory_type, .CreateKernelV2 = CREATE, .KernelComputeV2 = COMPUTE }
-OrtCustomOp matmul_nbits_op = NBITS_OP(matmul_name, matmul_inputs, matmul_create, matmul_compute);
-OrtCustomOp gelu_mlp_nbits_op = NBITS_OP(mlp_name, mlp_inputs, mlp_create, mlp_compute);
+OrtCustomOp matmul_nbits_op = NBITS_OP(matmul_name, matmul_inputs, matmul_create, matmul_compute, matmul_destroy);
+OrtCustomOp gelu_mlp_nbits_op = NBITS_OP(mlp_name, mlp_inputs, mlp_create, mlp_compute, mlp_destroy);

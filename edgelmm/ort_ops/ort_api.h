@@ -13,14 +13,19 @@ typedef struct OrtKernelContext OrtKernelContext;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtShape;
+typedef struct OrtAllocator {  /* the header's first fields */
+    uint32_t version;
+    void *(*Alloc)(struct OrtAllocator *, size_t);
+    void (*Free)(struct OrtAllocator *, void *);
+} OrtAllocator;
 typedef void *OrtApiSlot;
 typedef struct { const OrtApiSlot *(*GetApi)(uint32_t version); const char *(*GetVersionString)(void); } OrtApiBase;
 
 enum { SLOT_CREATE_STATUS = 0, SLOT_CREATE_DOMAIN = 26, SLOT_DOMAIN_ADD = 27, SLOT_ADD_DOMAIN = 28,
        SLOT_MUTABLE_DATA = 51, SLOT_ELEMENT_TYPE = 60, SLOT_DIMS_COUNT = 61, SLOT_DIMS = 62,
        SLOT_TYPE_AND_SHAPE = 65, SLOT_ATTR_FLOAT = 85, SLOT_ATTR_INT64 = 86, SLOT_INPUT_COUNT = 88, SLOT_OUTPUT_COUNT = 89,
-       SLOT_INPUT = 90, SLOT_OUTPUT = 91, SLOT_RELEASE_STATUS = 93, SLOT_RELEASE_SHAPE = 99,
-       SLOT_PARALLEL_FOR = 274 };
+       SLOT_INPUT = 90, SLOT_OUTPUT = 91, SLOT_RELEASE_STATUS = 93, SLOT_RELEASE_SHAPE = 99, SLOT_RELEASE_ALLOCATOR = 132,
+       SLOT_PARALLEL_FOR = 274, SLOT_KERNEL_INFO_ALLOCATOR = 278 };
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6, T_FLOAT16 = 10 };
 enum { REQUIRED = 0, OPTIONAL = 1 };
 #define OP_API_VERSION 16   /* the OrtCustomOp fields below: CreateKernelV2 / KernelComputeV2 */
@@ -66,9 +71,17 @@ OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
 /* The same for an optional output: NULL data when the node does not produce it. */
 OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
+/* The kernel's CPU allocator: onnxruntime's arena, so an op's scratch reuses memory the graph's activations
+   freed (malloc'd scratch came on top of the arena's peak). Released with op_release_allocator. */
+OrtStatus *op_allocator(const OrtKernelInfo *info, OrtAllocator **out);
+void op_release_allocator(OrtAllocator *allocator);
+/* bytes from / back to the allocator (thread-safe); NULL when out of memory. */
+void *op_alloc(OrtAllocator *allocator, size_t bytes);
+void op_free(OrtAllocator *allocator, void *p);
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data);
 
 extern OrtCustomOp matmul_nbits_op, gelu_mlp_nbits_op, group_query_attention_op, group_query_attention_half_cache_op,
-    group_query_attention_int8_cache_op, skip_layer_norm_op, skip_simplified_layer_norm_op;
+    group_query_attention_int8_cache_op, qkv_group_query_attention_op, qkv_group_query_attention_half_cache_op,
+    qkv_group_query_attention_int8_cache_op, skip_layer_norm_op, skip_simplified_layer_norm_op;
 #endif

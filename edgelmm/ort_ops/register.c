@@ -78,6 +78,21 @@ OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *di
     return output_data(ctx, i, dims, rank, 0, data);
 }
 
+OrtStatus *op_allocator(const OrtKernelInfo *info, OrtAllocator **out) {
+    return CALL(SLOT_KERNEL_INFO_ALLOCATOR, OrtStatus *(*)(const OrtKernelInfo *, int, OrtAllocator **), info,
+                0 /* OrtMemTypeDefault */, out);
+}
+
+void op_release_allocator(OrtAllocator *allocator) {
+    if (allocator) CALL(SLOT_RELEASE_ALLOCATOR, void (*)(OrtAllocator *), allocator);
+}
+
+void *op_alloc(OrtAllocator *allocator, size_t bytes) { return allocator->Alloc(allocator, bytes); }
+
+void op_free(OrtAllocator *allocator, void *p) {
+    if (p) allocator->Free(allocator, p);
+}
+
 OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t tasks, void *data) {
     if (tasks <= 1) {
         if (tasks) fn(data, 0);
@@ -87,9 +102,8 @@ OrtStatus *op_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t
                                                   void *), ctx, fn, tasks, tasks, data);
 }
 
-/* Adds domain "edgelmm" with MatMulNBits, GeluMlpNBits, GroupQueryAttention(HalfCache|Int8Cache) and
-   Skip(Simplified)LayerNormalization. The only
-   symbol the library exports. */
+/* Adds domain "edgelmm" with MatMulNBits, GeluMlpNBits, (Qkv)GroupQueryAttention(HalfCache|Int8Cache) and
+   Skip(Simplified)LayerNormalization. The only symbol the library exports. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                     const OrtApiBase *base) {
     ort_api = base->GetApi(RUNTIME_API_VERSION);
@@ -105,6 +119,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     CHECK(CALL(SLOT_CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **), "edgelmm", &domain));
     const OrtCustomOp *ops[] = {&matmul_nbits_op, &gelu_mlp_nbits_op, &group_query_attention_op,
                                 &group_query_attention_half_cache_op, &group_query_attention_int8_cache_op,
+                                &qkv_group_query_attention_op, &qkv_group_query_attention_half_cache_op,
+                                &qkv_group_query_attention_int8_cache_op,
                                 &skip_layer_norm_op, &skip_simplified_layer_norm_op};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
         CHECK(CALL(SLOT_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *), domain, ops[i]));

@@ -15,7 +15,10 @@ A ``FastGelu`` (no bias input) whose input is an eligible ``MatMulNBits``'s only
 it: the matmul writes the FastGelu's output, with attribute ``gelu_tanh`` = 1, and the FastGelu node goes (one
 pass over the activations and a buffer of them fewer). When the FastGelu's output in turn is only the input of
 an eligible ``MatMulNBits`` (Phi's fc2), the three nodes become one ``GeluMlpNBits`` at the second matmul's place:
-the intermediate activations, the prompt's largest buffer, then never exist whole in fp32.
+the intermediate activations, the prompt's largest buffer, then never exist whole in fp32. An eligible
+``MatMulNBits`` whose output is only the packed query of an eligible ``GroupQueryAttention`` (the q|k|v
+projection) becomes one ``QkvGroupQueryAttention`` (``...HalfCache``, ``...Int8Cache``) with it, at the attention's
+place: a prompt's q|k|v rows are then made a few heads at a time.
 """
 from __future__ import annotations
 
@@ -165,12 +168,29 @@ def _mlp_node(up: bytes, up_inputs: list[str], down: tuple) -> bytes:
     return b"".join(fields) + _len_field(_NODE_OP_TYPE, b"GeluMlpNBits") + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
-def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+def _qkv_attention_node(matmul: tuple, attention: bytes, attention_info: tuple, op_type: str) -> bytes:
+    """The ``Qkv`` + ``op_type`` node of a q|k|v projection and its attention: the projection's inputs (6,
+    missing ones empty), then the attention's from past_key on (6); the attention's outputs, name and
+    attributes, and the projection's K, N, bits and block size."""
+    _, _, matmul_inputs, _, matmul_attrs = matmul
+    _, _, inputs, outputs, _ = attention_info
+    names = (matmul_inputs + [""] * 6)[:6] + (inputs[3:] + [""] * 6)[:6]
+    fields = [_len_field(_NODE_INPUT, name.encode()) for name in names]
+    fields += [_len_field(_NODE_OUTPUT, name.encode()) for name in outputs]
+    fields += [raw for field, _, _, raw in _fields(attention) if field in (_NODE_NAME, _NODE_ATTRIBUTE)]
+    fields += [_len_field(_NODE_ATTRIBUTE, _int_attribute(name, matmul_attrs[name]))
+               for name in ("K", "N", "bits", "block_size")]
+    return (b"".join(fields) + _len_field(_NODE_OP_TYPE, ("Qkv" + op_type).encode())
+            + _len_field(_NODE_DOMAIN, DOMAIN.encode()))
+
+
+def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int, int], dict[int, tuple[int, int]],
+                                                                          dict[int, int]]:
     """Positions of the nodes to fuse, ``nodes`` mapping the graph's fields' positions to their _node_info:
     ({an eligible MatMulNBits: the FastGelu fused into it}, {an MLP's second MatMulNBits: its first MatMulNBits
-    and FastGelu}). An MLP's first matmul is not in the first map."""
+    and FastGelu}, {an attention: its q|k|v projection}). An MLP's first matmul is not in the first map."""
     if any("<subgraph>" in attrs for *_, attrs in nodes.values()):
-        return {}, {}  # a subgraph may read any tensor: leave the graph as it is
+        return {}, {}, {}  # a subgraph may read any tensor: leave the graph as it is
     uses: dict[str, int] = {}
     for _, _, inputs, _, _ in nodes.values():
         for name in inputs:
@@ -189,7 +209,15 @@ def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int
         if down is not None and not {up, down} & used and matmuls[down][4]["K"] == matmuls[up][4]["N"]:
             mlps[down] = (up, gelu)
             used |= {up, down}
-    return {up: gelu for up, gelu in gelus.items() if up not in used}, mlps
+    projections = {}  # a packed query made by a matmul read by nothing else
+    for j, (op, domain, inputs, _, attrs) in nodes.items():
+        source = producer.get(inputs[0]) if op == "GroupQueryAttention" and inputs else None
+        heads = attrs.get("num_heads", 0) + 2 * attrs.get("kv_num_heads", 0)  # q|k|v heads of the packed query
+        if (source is not None and source not in used and source not in gelus and inputs[0] in only_use
+                and not any(inputs[1:3]) and _eligible(op, domain, inputs, attrs)
+                and heads > 0 and matmuls[source][4]["N"] % heads == 0):
+            projections[j] = source
+    return {up: gelu for up, gelu in gelus.items() if up not in used}, mlps, projections
 
 
 def _symbolic_last_dim(shape: bytes, name: str) -> bytes:
@@ -231,8 +259,8 @@ def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None
     graph = list(_fields(graph_proto))
     nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
     outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
-    gelus, mlps = _fusions(nodes, outputs)
-    dropped = set(gelus.values()) | {p for pair in mlps.values() for p in pair}
+    gelus, mlps, projections = _fusions(nodes, outputs)
+    dropped = set(gelus.values()) | {p for pair in mlps.values() for p in pair} | set(projections.values())
     gone = {nodes[p][3][0] for p in dropped} | {nodes[m][3][0] for m in gelus}  # tensors the fusions remove
     moved, caches, kept = 0, set(), []
     for i, (field, wire, value, raw) in enumerate(graph):
@@ -247,6 +275,11 @@ def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None
             if op_type == "GroupQueryAttention" and cache_type:
                 op_type = attention_op
                 caches.update(n for n in inputs[3:5] + outs[1:3] if n)
+            if i in projections:
+                node = _qkv_attention_node(nodes[projections[i]], value, nodes[i], op_type)
+                kept.append((field, wire, value, _len_field(_GRAPH_NODE, node)))
+                moved += 1
+                continue
             fused_output = nodes[gelus[i]][3][0] if i in gelus else None
             raw = _len_field(_GRAPH_NODE, _rewrite_node(value, op_type, fused_output))
             moved += 1
