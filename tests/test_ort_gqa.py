@@ -221,6 +221,7 @@ def _run_steps(model: bytes, custom: bool, feeds, caches):
 PROJECTED = [  # heads, kv heads, head dim, rotary_dim / 2, prompt: one group of q|k|v columns or several
     (4, 4, 80, 16, 70),     # Phi-2's layout, short: all heads' columns at once
     (8, 8, 80, 16, 300),    # Phi-2's layout, 300 rows: two groups of 4 heads (320 columns of each of q, k, v)
+    (6, 6, 80, 16, 400),    # groups of 4 and 2 heads: 160-column ranges, GEMM tiles across two ranges
     (8, 2, 64, 0, 1100),    # grouped heads: two groups of one kv head and its 4 query heads
 ]
 
@@ -242,16 +243,21 @@ def test_qkv_projection_fused_with_attention(heads, kv_heads, head_dim, rotary_h
     assert moved == 2 and [n.op_type for n in onnx.load_from_string(unfused).graph.node] == [
         "MatMulNBits", ort_ops.CACHE_OPS[cache][0]]
     rng = np.random.default_rng(11)
-    _, feeds = _feeds(rng, heads, kv_heads, head_dim, True, rotary_half, [prompt, 1, 1])
+    _, feeds = _feeds(rng, heads, kv_heads, head_dim, True, rotary_half, [prompt, 1, 1, 0])
     for feed in feeds:
         feed["x"] = rng.standard_normal((1, feed.pop("query").shape[1], k)).astype(np.float32)
     empty = _to_cache(np.zeros((1, kv_heads, 0, head_dim), np.float32), cache)
     ours = _run_steps(fused, True, feeds, (empty, empty))
     for a, b in zip(ours, _run_steps(unfused, True, feeds, (empty, empty))):
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert ours[-1][0].shape == (1, 0, heads * head_dim)  # no new rows (onnxruntime's kernel refuses them)
+    ours, feeds = ours[:-1], feeds[:-1]
     theirs = _run_steps(_projected_model(heads, kv_heads, head_dim, rotary_half, k, 3).SerializeToString(), False,
                         feeds, (np.zeros((1, kv_heads, 0, head_dim), np.float32),) * 2)
-    for a, b in zip(ours, theirs):  # the projection's int8 sums in another order: ~1e-5 more than BOUNDS' fp32
-        for x, y, bound in zip([a[0], *(_from_cache(c, cache) for c in a[1:])], b, [BOUNDS[cache][0]] + 2 * [BOUNDS[cache][1]]):
+    # bounds: BOUNDS', but the projection's int8 sums in another order (~1e-5 more than fp32's); and with the
+    # int8 cache, these projections' sharper softmax (3.3e-2 of the output's max measured, 6 heads) than BOUNDS'
+    out_bound = {"float32": 1e-4, "float16": BOUNDS["float16"][0], "int8": 5e-2}[cache]
+    for a, b in zip(ours, theirs):
+        for x, y, bound in zip([a[0], *(_from_cache(c, cache) for c in a[1:])], b, [out_bound] + 2 * [BOUNDS[cache][1]]):
             assert x.shape == y.shape
             assert np.abs(x - y).max() < max(bound, 1e-4) * np.abs(y).max()

@@ -201,8 +201,9 @@ static OrtStatus *attention_compute(const Node *node, OrtKernelContext *ctx) {
     return attend_heads(ctx, &w, 0, Hkv);
 }
 
-/* kv heads per group of q|k|v columns made at a time: all for a short prompt, else a count whose columns are
-   whole 64-column GEMM tiles, as many as QKV_GROUP_BYTES hold. */
+/* kv heads per group of q|k|v columns made at a time: all for a short prompt (or a head size that is not a
+   multiple of 16, the GEMM's column granularity), else a count whose columns are whole 64-column GEMM
+   tiles, as many as QKV_GROUP_BYTES hold (at least one such count). */
 static int kv_heads_per_group(const Node *node, int S, int D) {
     const int group = node->heads / node->kv_heads, row_bytes = (group + 2) * D * (int)sizeof(float);
     if ((int64_t)S * row_bytes * node->kv_heads <= QKV_GROUP_BYTES || D % 16) return node->kv_heads;
@@ -227,6 +228,7 @@ static OrtStatus *fused_compute(const Node *node, OrtKernelContext *ctx) {
     const int S = (int)xd[1];
     Work w;
     CHECK(prepare(ctx, node, 6, S, D, &w));
+    if (S == 0) return 0;  /* no new rows: empty output, the cache as it was */
     const int per_group = kv_heads_per_group(node, S, D), q_width = per_group * group * D, kv_width = per_group * D;
     const int width = q_width + 2 * kv_width;  /* a group's q | k | v columns */
     Quantized xq;

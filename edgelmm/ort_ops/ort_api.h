@@ -75,7 +75,8 @@ OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *di
    freed (malloc'd scratch came on top of the arena's peak). Released with op_release_allocator. */
 OrtStatus *op_allocator(const OrtKernelInfo *info, OrtAllocator **out);
 void op_release_allocator(OrtAllocator *allocator);
-/* bytes from / back to the allocator (thread-safe); NULL when out of memory. */
+/* bytes from / back to the allocator (thread-safe); NULL when it gives none (onnxruntime's arena throws
+   instead when out of memory, which ends the process). */
 void *op_alloc(OrtAllocator *allocator, size_t bytes);
 void op_free(OrtAllocator *allocator, void *p);
 /* fn(data, 0..tasks-1) on onnxruntime's intra-op threads. */

@@ -255,7 +255,8 @@ def _value_name(value_info: bytes) -> str:
 
 
 def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None) -> tuple[bytes, int]:
-    """A GraphProto with its eligible nodes moved (FastGelus and MLPs fused), and how many were moved."""
+    """A GraphProto with its eligible nodes moved (FastGelus, MLPs and q|k|v projections with their attention
+    fused), and how many were moved."""
     graph = list(_fields(graph_proto))
     nodes = {i: _node_info(v) for i, (f, w, v, _) in enumerate(graph) if f == _GRAPH_NODE and w == _LEN}
     outputs = {_value_name(v) for f, w, v, _ in graph if f == _GRAPH_VALUE_INFOS[1] and w == _LEN}
@@ -290,8 +291,9 @@ def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None
 
 def rewrite_model(model: bytes, cache: str = "float16") -> tuple[bytes, int]:
     """``model`` (a serialized ModelProto) with its eligible nodes in domain ``edgelmm``, and how many nodes
-    were moved (a fused FastGelu not counted, a fused MLP counted once). The moved attention nodes keep their KV cache as ``cache`` (a
-    ``CACHE_OPS`` key; the graph's past/present inputs and outputs are retyped to it)."""
+    were moved (a fused FastGelu not counted, a fused MLP or projection + attention counted once). The moved
+    attention nodes keep their KV cache as ``cache`` (a ``CACHE_OPS`` key; the graph's past/present inputs and
+    outputs are retyped to it)."""
     attention_op, cache_type = CACHE_OPS[cache]
     moved, out = 0, []
     for field, wire, value, raw in _fields(model):
