@@ -1,6 +1,8 @@
 """edgelmm's onnxruntime custom ops for the CPU decoder: ``MatMulNBits`` (4- and 8-bit, int8 compute) on an
 AVX512-VNNI int4/int8 x int8 GEMM/GEMV (Phi's following FastGelu fused in, or its whole MLP as ``GeluMlpNBits``),
-and ``GroupQueryAttention`` as causal block attention over an fp16, fp32 or int8 KV cache.
+and ``GroupQueryAttention`` as causal block attention over an fp16, fp32 or int8 KV cache (with the q|k|v
+projection before it fused in as ``QkvGroupQueryAttention``: a prompt's q|k|v made a few heads at a time).
+Their scratch comes from onnxruntime's arena, where it reuses memory the graph's activations freed.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
 length; nbits_kernels.c reaches ~1.25 TOPS on the same GEMMs by keeping 16-column panels of nibbles in L1 and
