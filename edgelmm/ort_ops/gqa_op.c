@@ -12,7 +12,6 @@
    block_size. A prompt's q|k|v rows ([S, N] fp32, 12 MB for 400 tokens of Phi-2) are made a few kv heads'
    columns at a time (QKV_GROUP_BYTES), each group attended as it is made. */
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -23,7 +22,12 @@
 #define ROWS_PER_TASK 64
 #define QKV_GROUP_BYTES (2 << 20)  /* a prompt's q|k|v columns made at a time (at least 64 columns of each) */
 
-typedef struct { int heads, kv_heads, rotary, format, fused; float scale; Linear qkv; OrtAllocator *alloc; } Node;
+typedef struct {
+    OrtAllocator *alloc;  /* first (op_kernel_create) */
+    int heads, kv_heads, rotary, format, fused;
+    float scale;
+    Linear qkv;
+} Node;
 
 static int cache_format(const OrtCustomOp *op) {
     return op == &group_query_attention_half_cache_op || op == &qkv_group_query_attention_half_cache_op ? CACHE_FP16
@@ -52,14 +56,10 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApiSlot *api, const Ort
                      op_attr_int(info, "block_size", 0), 0, &n.qkv));
         if (n.qkv.N % (heads + 2 * kv_heads)) return op_error("edgelmm.QkvGroupQueryAttention: N is not (H + 2 Hkv) D");
     }
-    CHECK(op_allocator(info, &n.alloc));
-    Node *node = malloc(sizeof *node);
-    if (!node) {
-        op_release_allocator(n.alloc);
-        return op_error("edgelmm.GroupQueryAttention: out of memory");
-    }
+    CHECK(op_kernel_create(info, sizeof(Node), out));
+    Node *node = *out;
+    n.alloc = node->alloc;
     *node = n;
-    *out = node;
     return 0;
 }
 
@@ -245,10 +245,7 @@ static OrtStatus *fused_compute(const Node *node, OrtKernelContext *ctx) {
         const Columns ranges[3] = {{kv0 * group * D, kv0 * group * D + qw, made},
                                    {H * D + kv0 * D, H * D + kv0 * D + kw, made + qw},
                                    {(H + Hkv) * D + kv0 * D, (H + Hkv) * D + kv0 * D + kw, made + qw + kw}};
-        if (count == Hkv)  /* one group: the projection's columns as they are */
-            status = multiply(ctx, node->alloc, l, &wt, S, &xq, 0, l->N, made, width);
-        else
-            status = multiply_ranges(ctx, node->alloc, l, &wt, S, &xq, ranges, 3, width);
+        status = multiply_ranges(ctx, node->alloc, l, &wt, S, &xq, ranges, 3, width);
         w.k_offset = qw;
         w.v_offset = qw + kw;
         if (!status) status = attend_heads(ctx, &w, kv0, count);
@@ -263,10 +260,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     return node->fused ? fused_compute(node, ctx) : attention_compute(node, ctx);
 }
 
-static void destroy(void *kernel) {
-    op_release_allocator(((Node *)kernel)->alloc);
-    free(kernel);
-}
 static const char *name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
 static const char *half_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionHalfCache"; }
 static const char *int8_cache_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttentionInt8Cache"; }
@@ -297,7 +290,7 @@ static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; ret
 #define GQA_OP(op_name) {                                                                                       \
     .version = OP_API_VERSION, .GetName = op_name, .GetExecutionProviderType = provider, .GetInputType = input_type, \
     .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,             \
-    .KernelDestroy = destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,         \
+    .KernelDestroy = op_kernel_destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind,         \
     .GetInputMemoryType = memory_type, .CreateKernelV2 = create, .KernelComputeV2 = compute}
 
 OrtCustomOp group_query_attention_op = GQA_OP(name);

@@ -10,8 +10,6 @@
    (Adding each chunk into the down projection's sum as made would drop that too, but costs fc2 20%: its
    [M, down_N] output no longer stays in cache between the K slices.) Scratch comes from onnxruntime's arena
    (op_allocator). */
-#include <stdlib.h>
-
 #include "kernels.h"
 #include "nbits_op.h"
 #include "ort_api.h"
@@ -79,33 +77,40 @@ static void quantize_task(void *p, size_t i) {
     nbits_quantize_rows(w->l->bits, b, e, w->K, w->l->bs, w->A, w->lda, w->q.q, w->ldq, w->q.scale, w->q.sum);
 }
 
-/* Task i's share [b, e) of the ranges' columns, laid end to end, to nbits_gemm range by range. */
+/* Of the ranges' columns laid end to end, [b, e) falls in range r (starting at `at` there) as its columns
+   [*n0, *n1); 0 when it does not reach it. */
+static int part_of(const Columns *c, int at, int b, int e, int *n0, int *n1) {
+    const int width = c->n_end - c->n_begin, lo = b > at ? b : at, hi = e < at + width ? e : at + width;
+    *n0 = c->n_begin + lo - at;
+    *n1 = c->n_begin + hi - at;
+    return lo < hi;
+}
+
+/* Task i's share of the ranges' columns (whole 64-column GEMM tiles), to nbits_gemm range by range. */
 static void gemm_task(void *p, size_t i) {
     Work *w = p;
-    int b, e;
-    task_range(0, w->width, w->tasks, (int)i, 64, &b, &e);  /* whole 64-column GEMM tiles */
+    int b, e, n0, n1;
+    task_range(0, w->width, w->tasks, (int)i, 64, &b, &e);
     if (b >= e) return;
     uint8_t *scratch = op_alloc(w->alloc, nbits_scratch_bytes);
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
-    for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++) {
-        const Columns *c = &w->ranges[r];
-        const int lo = b > at ? b : at, hi = e < at + c->n_end - c->n_begin ? e : at + c->n_end - c->n_begin;
-        if (lo < hi)
-            nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, c->n_begin + lo - at, c->n_begin + hi - at, w->q.q,
-                       w->q.scale, w->q.sum, w->w->B, w->w->scales, w->w->zp, w->w->bias, w->l->gelu, c->C + (lo - at),
+    for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++)
+        if (part_of(&w->ranges[r], at, b, e, &n0, &n1))
+            nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, n0, n1, w->q.q, w->q.scale, w->q.sum, w->w->B,
+                       w->w->scales, w->w->zp, w->w->bias, w->l->gelu, w->ranges[r].C + (n0 - w->ranges[r].n_begin),
                        w->ldc, scratch);
-    }
     op_free(w->alloc, scratch);
 }
 
+/* Task i's share of the ranges' columns (groups of 4), to nbits_gemv range by range. */
 static void gemv_task(void *p, size_t i) {
     Work *w = p;
-    const Columns *c = &w->ranges[0];
-    int b, e;
-    task_range(c->n_begin, c->n_end, w->tasks, (int)i, 4, &b, &e);
-    if (b < e)
-        nbits_gemv(w->l->bits, w->l->K, w->l->bs, b, e, w->ag, w->lane_scale, w->lane_zsum, w->w->B, w->w->scales,
-                   w->w->zp, w->w->bias, w->l->gelu, c->C + (b - c->n_begin));
+    int b, e, n0, n1;
+    task_range(0, w->width, w->tasks, (int)i, 4, &b, &e);
+    for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++)
+        if (part_of(&w->ranges[r], at, b, e, &n0, &n1))
+            nbits_gemv(w->l->bits, w->l->K, w->l->bs, n0, n1, w->ag, w->lane_scale, w->lane_zsum, w->w->B,
+                       w->w->scales, w->w->zp, w->w->bias, w->l->gelu, w->ranges[r].C + (n0 - w->ranges[r].n_begin));
 }
 
 OrtStatus *quantize(OrtKernelContext *ctx, const Linear *l, int M, int K, const float *A, int lda,
@@ -123,7 +128,6 @@ OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Lin
         OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
         return status ? status : w.failed ? op_error("edgelmm nbits matmul: out of memory") : 0;
     }
-    if (count != 1) return op_error("edgelmm nbits matmul: one range for one row");
     const int chunks = nbits_gemv_chunks(l->bits, l->K);
     w.ag = op_alloc(alloc, (size_t)chunks * 128);
     w.lane_scale = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
@@ -160,21 +164,16 @@ static OrtStatus *rows_in_out(OrtKernelContext *ctx, int K, int N, const float *
     return 0;
 }
 
-typedef struct { Linear l; OrtAllocator *alloc; } MatMul;
+typedef struct { OrtAllocator *alloc; Linear l; } MatMul;  /* the allocator first (op_kernel_create) */
 
 static OrtStatus *matmul_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
-    MatMul m;
+    Linear l;
     CHECK(linear(op_attr_int(info, "K", 0), op_attr_int(info, "N", 0), op_attr_int(info, "bits", 0),
-                 op_attr_int(info, "block_size", 0), op_attr_int(info, "gelu_tanh", 0) != 0, &m.l));
-    CHECK(op_allocator(info, &m.alloc));
-    MatMul *node = malloc(sizeof *node);
-    if (!node) {
-        op_release_allocator(m.alloc);
-        return op_error("edgelmm.MatMulNBits: out of memory");
-    }
-    *node = m;
-    *out = node;
+                 op_attr_int(info, "block_size", 0), op_attr_int(info, "gelu_tanh", 0) != 0, &l));
+    CHECK(op_kernel_create(info, sizeof(MatMul), out));
+    MatMul *node = *out;
+    node->l = l;
     return 0;
 }
 
@@ -197,24 +196,20 @@ static OrtStatus *matmul_compute(void *kernel, OrtKernelContext *ctx) {
     return status;
 }
 
-typedef struct { Linear up, down; OrtAllocator *alloc; } Mlp;
+typedef struct { OrtAllocator *alloc; Linear up, down; } Mlp;  /* the allocator first (op_kernel_create) */
 
 static OrtStatus *mlp_create(const OrtCustomOp *op, const OrtApiSlot *api, const OrtKernelInfo *info, void **out) {
     (void)op; (void)api;
-    Mlp m;
+    Linear up, down;
     const int64_t N = op_attr_int(info, "N", 0);
     CHECK(linear(op_attr_int(info, "K", 0), N, op_attr_int(info, "bits", 0), op_attr_int(info, "block_size", 0), 1,
-                 &m.up));
+                 &up));
     CHECK(linear(N, op_attr_int(info, "down_N", 0), op_attr_int(info, "down_bits", 0),
-                 op_attr_int(info, "down_block_size", 0), 0, &m.down));
-    CHECK(op_allocator(info, &m.alloc));
-    Mlp *node = malloc(sizeof *node);
-    if (!node) {
-        op_release_allocator(m.alloc);
-        return op_error("edgelmm.GeluMlpNBits: out of memory");
-    }
-    *node = m;
-    *out = node;
+                 op_attr_int(info, "down_block_size", 0), 0, &down));
+    CHECK(op_kernel_create(info, sizeof(Mlp), out));
+    Mlp *node = *out;
+    node->up = up;
+    node->down = down;
     return 0;
 }
 
@@ -248,14 +243,6 @@ static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
     return status;
 }
 
-static void matmul_destroy(void *kernel) {
-    op_release_allocator(((MatMul *)kernel)->alloc);
-    free(kernel);
-}
-static void mlp_destroy(void *kernel) {
-    op_release_allocator(((Mlp *)kernel)->alloc);
-    free(kernel);
-}
 static const char *matmul_name(const OrtCustomOp *op) { (void)op; return "MatMulNBits"; }
 static const char *mlp_name(const OrtCustomOp *op) { (void)op; return "GeluMlpNBits"; }
 static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -272,10 +259,10 @@ static int input_kind(const OrtCustomOp *op, size_t i) {  /* A, B, scales; the M
 static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
 static int memory_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 
-#define NBITS_OP(NAME, INPUTS, CREATE, COMPUTE, DESTROY) { \
+#define NBITS_OP(NAME, INPUTS, CREATE, COMPUTE) { \
     .version = OP_API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider, .GetInputType = input_type, \
     .GetInputTypeCount = INPUTS, .GetOutputType = output_type, .GetOutputTypeCount = output_count, \
-    .KernelDestroy = DESTROY, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind, \
+    .KernelDestroy = op_kernel_destroy, .GetInputCharacteristic = input_kind, .GetOutputCharacteristic = output_kind, \
     .GetInputMemoryType = memory_type, .CreateKernelV2 = CREATE, .KernelComputeV2 = COMPUTE }
-OrtCustomOp matmul_nbits_op = NBITS_OP(matmul_name, matmul_inputs, matmul_create, matmul_compute, matmul_destroy);
-OrtCustomOp gelu_mlp_nbits_op = NBITS_OP(mlp_name, mlp_inputs, mlp_create, mlp_compute, mlp_destroy);
+OrtCustomOp matmul_nbits_op = NBITS_OP(matmul_name, matmul_inputs, matmul_create, matmul_compute);
+OrtCustomOp gelu_mlp_nbits_op = NBITS_OP(mlp_name, mlp_inputs, mlp_create, mlp_compute);

@@ -19,8 +19,8 @@ void free_quantized(OrtAllocator *a, Quantized *q);
    first column to write). */
 OrtStatus *quantize(OrtKernelContext *ctx, const Linear *l, int M, int K, const float *A, int lda, Quantized q,
                     int ldq);
-/* The linear l (its bias and FastGelu) on M quantized rows, for `count` column ranges (one for one row), each
-   to its C (row stride ldc), over onnxruntime's threads. */
+/* The linear l (its bias and FastGelu) on M quantized rows, for `count` column ranges, each to its C (row
+   stride ldc), over onnxruntime's threads. */
 OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Linear *l, const Weights *wt, int M,
                           const Quantized *q, const Columns *ranges, int count, int ldc);
 /* multiply_ranges for the one range [n_begin, n_end) to C. */

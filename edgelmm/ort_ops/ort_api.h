@@ -71,10 +71,11 @@ OrtStatus *op_input_sized(OrtKernelContext *ctx, size_t i, int type, void **data
 OrtStatus *op_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
 /* The same for an optional output: NULL data when the node does not produce it. */
 OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank, void **data);
-/* The kernel's CPU allocator: onnxruntime's arena, so an op's scratch reuses memory the graph's activations
-   freed (malloc'd scratch came on top of the arena's peak). Released with op_release_allocator. */
-OrtStatus *op_allocator(const OrtKernelInfo *info, OrtAllocator **out);
-void op_release_allocator(OrtAllocator *allocator);
+/* *out: a new kernel of `size` bytes, zeroed but for its first member, an OrtAllocator *: the kernel's CPU
+   allocator, onnxruntime's arena, so an op's scratch reuses memory the graph's activations freed (malloc'd
+   scratch came on top of the arena's peak). op_kernel_destroy releases both. */
+OrtStatus *op_kernel_create(const OrtKernelInfo *info, size_t size, void **out);
+void op_kernel_destroy(void *kernel);
 /* bytes from / back to the allocator (thread-safe); NULL when it gives none (onnxruntime's arena throws
    instead when out of memory, which ends the process). */
 void *op_alloc(OrtAllocator *allocator, size_t bytes);

@@ -1,4 +1,6 @@
 /* The library's entry point (SessionOptions.register_custom_ops_library) and the glue both ops share. */
+#include <stdlib.h>
+
 #include "ort_api.h"
 
 const OrtApiSlot *ort_api;
@@ -78,13 +80,23 @@ OrtStatus *op_optional_output(OrtKernelContext *ctx, size_t i, const int64_t *di
     return output_data(ctx, i, dims, rank, 0, data);
 }
 
-OrtStatus *op_allocator(const OrtKernelInfo *info, OrtAllocator **out) {
-    return CALL(SLOT_KERNEL_INFO_ALLOCATOR, OrtStatus *(*)(const OrtKernelInfo *, int, OrtAllocator **), info,
-                0 /* OrtMemTypeDefault */, out);
+OrtStatus *op_kernel_create(const OrtKernelInfo *info, size_t size, void **out) {
+    OrtAllocator *allocator;
+    CHECK(CALL(SLOT_KERNEL_INFO_ALLOCATOR, OrtStatus *(*)(const OrtKernelInfo *, int, OrtAllocator **), info,
+               0 /* OrtMemTypeDefault */, &allocator));
+    OrtAllocator **kernel = calloc(1, size);
+    if (!kernel) {
+        CALL(SLOT_RELEASE_ALLOCATOR, void (*)(OrtAllocator *), allocator);
+        return op_error("edgelmm op: out of memory");
+    }
+    *kernel = allocator;
+    *out = kernel;
+    return 0;
 }
 
-void op_release_allocator(OrtAllocator *allocator) {
-    if (allocator) CALL(SLOT_RELEASE_ALLOCATOR, void (*)(OrtAllocator *), allocator);
+void op_kernel_destroy(void *kernel) {
+    CALL(SLOT_RELEASE_ALLOCATOR, void (*)(OrtAllocator *), *(OrtAllocator **)kernel);
+    free(kernel);
 }
 
 void *op_alloc(OrtAllocator *allocator, size_t bytes) { return allocator->Alloc(allocator, bytes); }

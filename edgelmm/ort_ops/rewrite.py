@@ -155,17 +155,26 @@ def _rewrite_node(node: bytes, op_type: str, output: str | None = None) -> bytes
     return kept + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
 
 
+def _fused_node(op_type: str, inputs: list[str], outputs: list[str], named_like: bytes, extra: dict[str, int]) -> bytes:
+    """A node ``op_type`` in domain ``edgelmm`` with ``inputs`` and ``outputs``, the name and attributes of the
+    node ``named_like``, and the int attributes ``extra``."""
+    fields = [_len_field(_NODE_INPUT, name.encode()) for name in inputs]
+    fields += [_len_field(_NODE_OUTPUT, name.encode()) for name in outputs]
+    fields += [raw for field, _, _, raw in _fields(named_like) if field in (_NODE_NAME, _NODE_ATTRIBUTE)]
+    fields += [_len_field(_NODE_ATTRIBUTE, _int_attribute(name, value)) for name, value in extra.items()]
+    return b"".join(fields) + _len_field(_NODE_OP_TYPE, op_type.encode()) + _len_field(_NODE_DOMAIN, DOMAIN.encode())
+
+
+def _padded(names: list[str], count: int) -> list[str]:
+    return (names + [""] * count)[:count]
+
+
 def _mlp_node(up: bytes, up_inputs: list[str], down: tuple) -> bytes:
     """The ``GeluMlpNBits`` node of an MLP: up's inputs (6, missing ones empty), then down's but A (5), down's
     output; up's name and attributes, and down's N, bits and block size."""
     _, _, down_inputs, down_outputs, down_attrs = down
-    names = (up_inputs + [""] * 6)[:6] + (down_inputs[1:] + [""] * 5)[:5]
-    fields = [_len_field(_NODE_INPUT, name.encode()) for name in names]
-    fields.append(_len_field(_NODE_OUTPUT, down_outputs[0].encode()))
-    fields += [raw for field, _, _, raw in _fields(up) if field in (_NODE_NAME, _NODE_ATTRIBUTE)]
-    fields += [_len_field(_NODE_ATTRIBUTE, _int_attribute("down_" + name, down_attrs[name]))
-               for name in ("N", "bits", "block_size")]
-    return b"".join(fields) + _len_field(_NODE_OP_TYPE, b"GeluMlpNBits") + _len_field(_NODE_DOMAIN, DOMAIN.encode())
+    return _fused_node("GeluMlpNBits", _padded(up_inputs, 6) + _padded(down_inputs[1:], 5), down_outputs[:1], up,
+                       {"down_" + name: down_attrs[name] for name in ("N", "bits", "block_size")})
 
 
 def _qkv_attention_node(matmul: tuple, attention: bytes, attention_info: tuple, op_type: str) -> bytes:
@@ -174,14 +183,8 @@ def _qkv_attention_node(matmul: tuple, attention: bytes, attention_info: tuple, 
     attributes, and the projection's K, N, bits and block size."""
     _, _, matmul_inputs, _, matmul_attrs = matmul
     _, _, inputs, outputs, _ = attention_info
-    names = (matmul_inputs + [""] * 6)[:6] + (inputs[3:] + [""] * 6)[:6]
-    fields = [_len_field(_NODE_INPUT, name.encode()) for name in names]
-    fields += [_len_field(_NODE_OUTPUT, name.encode()) for name in outputs]
-    fields += [raw for field, _, _, raw in _fields(attention) if field in (_NODE_NAME, _NODE_ATTRIBUTE)]
-    fields += [_len_field(_NODE_ATTRIBUTE, _int_attribute(name, matmul_attrs[name]))
-               for name in ("K", "N", "bits", "block_size")]
-    return (b"".join(fields) + _len_field(_NODE_OP_TYPE, ("Qkv" + op_type).encode())
-            + _len_field(_NODE_DOMAIN, DOMAIN.encode()))
+    return _fused_node("Qkv" + op_type, _padded(matmul_inputs, 6) + _padded(inputs[3:], 6), outputs, attention,
+                       {name: matmul_attrs[name] for name in ("K", "N", "bits", "block_size")})
 
 
 def _fusions(nodes: dict[int, tuple], graph_outputs: set[str]) -> tuple[dict[int, int], dict[int, tuple[int, int]],
@@ -278,11 +281,9 @@ def _rewrite_graph(graph_proto: bytes, attention_op: str, cache_type: int | None
                 caches.update(n for n in inputs[3:5] + outs[1:3] if n)
             if i in projections:
                 node = _qkv_attention_node(nodes[projections[i]], value, nodes[i], op_type)
-                kept.append((field, wire, value, _len_field(_GRAPH_NODE, node)))
-                moved += 1
-                continue
-            fused_output = nodes[gelus[i]][3][0] if i in gelus else None
-            raw = _len_field(_GRAPH_NODE, _rewrite_node(value, op_type, fused_output))
+            else:
+                node = _rewrite_node(value, op_type, nodes[gelus[i]][3][0] if i in gelus else None)
+            raw = _len_field(_GRAPH_NODE, node)
             moved += 1
         kept.append((field, wire, value, raw))
     return b"".join(_len_field(f, _retyped(v, cache_type)) if f in _GRAPH_VALUE_INFOS and w == _LEN
