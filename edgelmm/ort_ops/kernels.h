@@ -8,9 +8,9 @@
 
 /* nbits_kernels.c: 4- and 8-bit weights (MatMulNBits layout) x int8 activations. */
 void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int lda, int8_t *Aq, int ldq,
-                         float *as, int32_t *asum);
+                         float *as, int32_t *zsum);
 void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
-                const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                const int32_t *zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
                 int gelu, float *C, int ldc, uint8_t *scratch);
 int nbits_gemv_chunks(int bits, int K);
 void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,

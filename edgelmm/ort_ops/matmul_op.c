@@ -45,11 +45,11 @@ OrtStatus *weights(OrtKernelContext *ctx, size_t first, const Linear *l, Weights
 int alloc_quantized(OrtAllocator *a, Quantized *q, int M, int K, int bs) {
     q->q = op_alloc(a, (size_t)M * K);
     q->scale = op_alloc(a, (size_t)M * (K / bs) * sizeof(float));
-    q->sum = op_alloc(a, (size_t)M * (K / bs) * sizeof(int32_t));
-    return q->q && q->scale && q->sum;
+    q->zsum = op_alloc(a, (size_t)M * (K / bs) * sizeof(int32_t));
+    return q->q && q->scale && q->zsum;
 }
 
-void free_quantized(OrtAllocator *a, Quantized *q) { op_free(a, q->q); op_free(a, q->scale); op_free(a, q->sum); }
+void free_quantized(OrtAllocator *a, Quantized *q) { op_free(a, q->q); op_free(a, q->scale); op_free(a, q->zsum); }
 
 typedef struct {
     const Linear *l;
@@ -74,7 +74,7 @@ static void quantize_task(void *p, size_t i) {
     Work *w = p;
     int b, e;
     task_range(0, w->M, w->tasks, (int)i, 1, &b, &e);
-    nbits_quantize_rows(w->l->bits, b, e, w->K, w->l->bs, w->A, w->lda, w->q.q, w->ldq, w->q.scale, w->q.sum);
+    nbits_quantize_rows(w->l->bits, b, e, w->K, w->l->bs, w->A, w->lda, w->q.q, w->ldq, w->q.scale, w->q.zsum);
 }
 
 /* Of the ranges' columns laid end to end, [b, e) falls in range r (starting at `at` there) as its columns
@@ -96,7 +96,7 @@ static void gemm_task(void *p, size_t i) {
     if (!scratch) { __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED); return; }
     for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++)
         if (part_of(&w->ranges[r], at, b, e, &n0, &n1))
-            nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, n0, n1, w->q.q, w->q.scale, w->q.sum, w->w->B,
+            nbits_gemm(w->l->bits, w->M, w->l->K, w->l->bs, n0, n1, w->q.q, w->q.scale, w->q.zsum, w->w->B,
                        w->w->scales, w->w->zp, w->w->bias, w->l->gelu, w->ranges[r].C + (n0 - w->ranges[r].n_begin),
                        w->ldc, scratch);
     op_free(w->alloc, scratch);
@@ -235,7 +235,7 @@ static OrtStatus *mlp_compute(void *kernel, OrtKernelContext *ctx) {
     for (int c0 = 0; !status && c0 < up->N; c0 += chunk) {
         const int width = up->N - c0 < chunk ? up->N - c0 : chunk, b0 = c0 / down->bs;
         status = multiply(ctx, m->alloc, up, &w_up, M, &x, c0, c0 + width, made, chunk);
-        Quantized columns = {.q = h.q + c0, .scale = h.scale + b0, .sum = h.sum + b0};
+        Quantized columns = {.q = h.q + c0, .scale = h.scale + b0, .zsum = h.zsum + b0};
         if (!status) status = quantize(ctx, down, M, width, made, chunk, columns, up->N);
     }
     if (!status) status = multiply(ctx, m->alloc, down, &w_down, M, &h, 0, down->N, C, down->N);

@@ -13,12 +13,17 @@
 #define PANEL_BYTES 32768  /* one packed 16-column panel of a K chunk: 4096 k of 4-bit or 2048 k of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
 
+/* The zero point of weights without zero points: 8 (4-bit), 128 (8-bit). */
+static inline int default_zero(int bits) { return 1 << (bits - 1); }
+
 /* Quantize rows [m0, m1) of A [M, K] (row stride lda) per row and block of `bs` k to symmetric int8.
    Aq [M, ldq]: for 4-bit weights the bytes inside each 8-k step are a[k0 k2 k4 k6 k1 k3 k5 k7] (the order the
-   nibble split yields), for 8-bit in order; as [M, ldq/bs] scales; asum [M, ldq/bs] sums of the quantized
-   values. ldq > K writes a column range of wider rows (Aq, as and asum pointing at its first column). */
+   nibble split yields), for 8-bit in order; as [M, ldq/bs] scales; zsum [M, ldq/bs] the block's quantized
+   values summed times -default_zero(bits): where the GEMM's int32 sums of weight codes x values start, so that
+   they come out zero-corrected. ldq > K writes a column range of wider rows (Aq, as and zsum pointing at its
+   first column). */
 void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A, int lda, int8_t *Aq, int ldq,
-                         float *as, int32_t *asum) {
+                         float *as, int32_t *zsum) {
     const __m128i order = bits == 4 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
                                     : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int kb = K / bs, ldb = ldq / bs;
@@ -37,13 +42,10 @@ void nbits_quantize_rows(int bits, int m0, int m1, int K, int bs, const float *A
                 _mm_storeu_si128((__m128i *)(q + k), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), order));
             }
             as[(size_t)m * ldb + b] = amax / 127.f;
-            asum[(size_t)m * ldb + b] = _mm512_reduce_add_epi32(sum);
+            zsum[(size_t)m * ldb + b] = -default_zero(bits) * _mm512_reduce_add_epi32(sum);
         }
     }
 }
-
-/* The zero point of weights without zero points: 8 (4-bit), 128 (8-bit). */
-static inline float default_zero(int bits) { return (float)(1 << (bits - 1)); }
 
 /* Zero point of column n, block b of kb: 4-bit packed two per byte (rows of ceil(kb/2) bytes), 8-bit one byte
    each. */
@@ -57,11 +59,13 @@ static inline __mmask16 live_columns(int n_end, int n0) {
     return n_end - n0 >= 16 ? 0xFFFF : n_end <= n0 ? 0 : (__mmask16)((1u << (n_end - n0)) - 1);
 }
 
-/* Pack a kc-deep, 16-column panel of B (row stride ldb bytes) by 8-k steps, lane j = column n0+j (0 past
-   n_end): 4-bit [kc/8][64 bytes], a lane's 8 nibbles; 8-bit [kc/8][2][64 bytes], a lane's k0..3 then k4..7.
-   16 dwords of each column at a time, transposed in registers: 3x faster than 16-lane gathers from weights in
-   DRAM, which took ~7% of a prefill GEMM. */
-static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, int k0, int kc, uint8_t *panel) {
+/* Pack 16 columns n0.. of a kc-deep K chunk of B (row stride ldb bytes) by 8-k steps, lane j = column n0+j (0
+   past n_end), as sub-panel t of a tile: a row of 64 bytes per step (4-bit: a lane's 8 nibbles) or two (8-bit:
+   a lane's k0..3, then k4..7), the NB sub-panels' rows interleaved (row i of sub-panel t at (i * NB + t) * 64)
+   so the micro-kernel reads one stream (four streams 32 KB apart ran ~10% slower). 16 dwords of each column at
+   a time, transposed in registers: 3x faster than 16-lane gathers from weights in DRAM. */
+static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, int k0, int kc, int t,
+                       uint8_t *panel) {
     const int cols = n_end - n0 < 16 ? n_end - n0 : 16, dwords = kc / 8 * (bits / 4);
     const uint8_t *base = B + (size_t)n0 * ldb + (size_t)k0 * bits / 8;
     for (int d0 = 0; d0 < dwords; d0 += 16) {
@@ -74,104 +78,180 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
                             : _mm512_setzero_ps();
         }
         transpose16(r);  /* r[i]: dword d0+i of the 16 columns */
-        for (int i = 0; i < n; i++) _mm512_storeu_ps(panel + (size_t)(d0 + i) * 64, r[i]);
+        for (int i = 0; i < n; i++) _mm512_storeu_ps(panel + ((size_t)(d0 + i) * NB + t) * 64, r[i]);
     }
 }
 
+/* 8 vpdpbusd of one row: its two dwords of an 8-k step (at A and A4) against the four panels' low nibbles
+   (zmm12-15) and high nibbles (zmm16-19), into sums S0..S3. */
+#define ROW_STEP(A, A4, S0, S1, S2, S3) \
+    "vpbroadcastd " A ", %%zmm20\n\t" "vpbroadcastd " A4 ", %%zmm21\n\t" \
+    "vpdpbusd %%zmm20, %%zmm12, %%zmm" S0 "\n\t" "vpdpbusd %%zmm20, %%zmm13, %%zmm" S1 "\n\t" \
+    "vpdpbusd %%zmm20, %%zmm14, %%zmm" S2 "\n\t" "vpdpbusd %%zmm20, %%zmm15, %%zmm" S3 "\n\t" \
+    "vpdpbusd %%zmm21, %%zmm16, %%zmm" S0 "\n\t" "vpdpbusd %%zmm21, %%zmm17, %%zmm" S1 "\n\t" \
+    "vpdpbusd %%zmm21, %%zmm18, %%zmm" S2 "\n\t" "vpdpbusd %%zmm21, %%zmm19, %%zmm" S3 "\n\t"
+/* Low (L) and high (H) nibbles of the panel row in register R. */
+#define NIBBLES(R, L, H) \
+    "vpandd %%zmm22, %%zmm" R ", %%zmm" L "\n\t" "vpsrlw $4, %%zmm" R ", %%zmm" R "\n\t" \
+    "vpandd %%zmm22, %%zmm" R ", %%zmm" H "\n\t"
+/* Start sums S0..S3 at the row's zsum (at Z). */
+#define ROW_START(Z, S0, S1, S2, S3) \
+    "vpbroadcastd " Z ", %%zmm" S0 "\n\t" "vpbroadcastd " Z ", %%zmm" S1 "\n\t" \
+    "vpbroadcastd " Z ", %%zmm" S2 "\n\t" "vpbroadcastd " Z ", %%zmm" S3 "\n\t"
+/* accf[OFF..] += float(sum S) * (the block's weight scales W x the row's scale in zmm20), for one panel. */
+#define SCALE(S, W, OFF) \
+    "vcvtdq2ps %%zmm" S ", %%zmm" S "\n\t" "vmulps " W "(%[ws]), %%zmm20, %%zmm21\n\t" \
+    "vfmadd213ps " OFF "(%[accf]), %%zmm21, %%zmm" S "\n\t" "vmovaps %%zmm" S ", " OFF "(%[accf])\n\t"
+#define ROW_SCALE(AS, S0, S1, S2, S3, OFF0, OFF1, OFF2, OFF3) \
+    "vbroadcastss " AS ", %%zmm20\n\t" \
+    SCALE(S0, "0", OFF0) SCALE(S1, "64", OFF1) SCALE(S2, "128", OFF2) SCALE(S3, "192", OFF3)
+
+/* The micro-kernel's blocks for 3 rows of 4-bit weights without zero points, in assembly (GCC's intrinsics
+   version copied sums between registers every step and ran ~20% slower). Rows a, a + lda, a + 2 lda of Aq
+   against a tile's packed panel, over `blocks` blocks of `steps` 8-k steps; zsum and as point at the rows'
+   first block (row stride ldb bytes), ws at the blocks' [NB * 16] weight scales. Per block: int32 sums from
+   zsum, then accf [3][64] += float(sum) * (weight scale x row scale). Sums: zmm0-11 (row r, panel t: 4r + t). */
+static void rows3_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const int32_t *zsum, const float *as,
+                       size_t ldb, const float *ws, int steps, int blocks, float *accf) {
+    int left;
+    __asm__ volatile(
+        "vpternlogd $0xff, %%zmm22, %%zmm22, %%zmm22\n\t"
+        "vpsrlw $12, %%zmm22, %%zmm22\n\t"
+        "vpbroadcastb %%xmm22, %%zmm22\n\t"  /* 0x0F bytes */
+        "2:\n\t"
+        ROW_START("(%[zs])", "0", "1", "2", "3")
+        ROW_START("(%[zs],%[ldb],1)", "4", "5", "6", "7")
+        ROW_START("(%[zs],%[ldb],2)", "8", "9", "10", "11")
+        "mov %[steps], %[left]\n\t"
+        "1:\n\t"
+        "vmovdqu64 (%[pp]), %%zmm23\n\t" "vmovdqu64 64(%[pp]), %%zmm24\n\t"
+        "vmovdqu64 128(%[pp]), %%zmm25\n\t" "vmovdqu64 192(%[pp]), %%zmm26\n\t"
+        NIBBLES("23", "12", "16") NIBBLES("24", "13", "17") NIBBLES("25", "14", "18") NIBBLES("26", "15", "19")
+        ROW_STEP("(%[a])", "4(%[a])", "0", "1", "2", "3")
+        ROW_STEP("(%[a],%[lda],1)", "4(%[a],%[lda],1)", "4", "5", "6", "7")
+        ROW_STEP("(%[a],%[lda],2)", "4(%[a],%[lda],2)", "8", "9", "10", "11")
+        "add $256, %[pp]\n\t" "add $8, %[a]\n\t"
+        "dec %[left]\n\t" "jnz 1b\n\t"
+        ROW_SCALE("(%[as])", "0", "1", "2", "3", "0", "64", "128", "192")
+        ROW_SCALE("(%[as],%[ldb],1)", "4", "5", "6", "7", "256", "320", "384", "448")
+        ROW_SCALE("(%[as],%[ldb],2)", "8", "9", "10", "11", "512", "576", "640", "704")
+        "add $4, %[zs]\n\t" "add $4, %[as]\n\t" "add $256, %[ws]\n\t"
+        "dec %[blocks]\n\t" "jnz 2b\n\t"
+        : [pp] "+r"(panel), [a] "+r"(a), [zs] "+r"(zsum), [as] "+r"(as), [ws] "+r"(ws), [blocks] "+r"(blocks),
+          [left] "=&r"(left)
+        : [lda] "r"(lda), [ldb] "r"(ldb), [steps] "r"(steps), [accf] "r"(accf)
+        : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+          "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
+          "xmm22", "xmm23", "xmm24", "xmm25", "xmm26");
+}
+#undef ROW_STEP
+#undef NIBBLES
+#undef ROW_START
+#undef SCALE
+#undef ROW_SCALE
+
 /* C rows [0, mr) x the tile's NB*16 columns n0.. (those below n_end; C points at column n0 of row 0) over k in
-   [k0, k0+kc): accumulate into C (first: start from 0); last: add the bias, then FastGelu when gelu. panel: NB
-   packed sub-panels of PANEL_BYTES; ws/zs: [block][NB*16] floats. */
+   [k0, k0+kc): accumulate into C (first: start from 0); last: add the bias, then FastGelu when gelu. panel: the
+   tile's packed K chunk (pack_panel); ws: [block][NB*16] weight scales; zs: [block][NB*16] zero points /
+   default_zero(bits), or NULL. */
 static inline __attribute__((always_inline)) void micro(
-        const int bits, const int mr, int K, int bs, int k0, int kc, const int8_t *Aq, const float *as, const int32_t *asum,
-        const uint8_t *panel, const float *ws, const float *zs, const float *bias, int n_end,
-        int n0, float *C, int ldc, int first, int last, int gelu) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    const int kb = K / bs;
-    __m512 accf[MR][NB];
+        const int bits, const int mr, const int has_zp, int K, int bs, int k0, int kc, const int8_t *Aq,
+        const float *as, const int32_t *zsum, const uint8_t *panel, const float *ws, const float *zs,
+        const float *bias, int n_end, int n0, float *C, int ldc, int first, int last, int gelu) {
+    const int kb = K / bs, rows_per_step = bits / 4;  /* 64-byte panel rows per 8-k step */
+    float accf[MR][NB * 16] __attribute__((aligned(64)));
     _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
         _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++)
-            accf[r][t] = first ? _mm512_setzero_ps()
-                               : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + 16 * t);
-    for (int b0 = k0; b0 < k0 + kc; b0 += bs) {
-        const int b = b0 / bs;
-        __m512i acc[MR][NB];
-        _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
-            _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) acc[r][t] = _mm512_setzero_si512();
-        const uint8_t *pp = panel + (size_t)(b0 - k0) / 8 * 16 * bits;  /* 16 columns x 8 k */
-        for (int p = 0; p < bs / 8; p++) {
-            __m512i lo[NB], hi[NB];
-            _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
-                const uint8_t *step = pp + t * PANEL_BYTES + (size_t)p * 16 * bits;
-                if (bits == 4) {
-                    const __m512i v = _mm512_loadu_si512(step);
-                    lo[t] = _mm512_and_si512(v, low);
-                    hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                } else {
-                    lo[t] = _mm512_loadu_si512(step);
-                    hi[t] = _mm512_loadu_si512(step + 64);
-                }
-            }
-            _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
-                const int32_t *a = (const int32_t *)(Aq + (size_t)r * K + b0 + p * 8);
-                const __m512i a_lo = _mm512_set1_epi32(a[0]), a_hi = _mm512_set1_epi32(a[1]);
+            _mm512_store_ps(accf[r] + 16 * t, first ? _mm512_setzero_ps()
+                            : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + 16 * t));
+    if (bits == 4 && mr == 3 && !has_zp) {
+        rows3_4bit(panel, Aq + k0, (size_t)K, zsum + k0 / bs, as + k0 / bs, (size_t)kb * sizeof(float), ws, bs / 8,
+                   kc / bs, &accf[0][0]);
+    } else {
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        for (int b0 = k0; b0 < k0 + kc; b0 += bs) {
+            const int b = b0 / bs, blk = b - k0 / bs;
+            __m512i acc[MR][NB];
+            _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)  /* with zero points, corrected after */
+                _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++)
+                    acc[r][t] = has_zp ? _mm512_setzero_si512() : _mm512_set1_epi32(zsum[(size_t)r * kb + b]);
+            const uint8_t *pp = panel + (size_t)(b0 - k0) / 8 * rows_per_step * NB * 64;
+            for (int p = 0; p < bs / 8; p++) {
+                __m512i lo[NB], hi[NB];
                 _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
-                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a_lo);
-                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a_hi);
+                    const uint8_t *row = pp + ((size_t)p * rows_per_step * NB + t) * 64;
+                    if (bits == 4) {
+                        const __m512i v = _mm512_loadu_si512(row);
+                        lo[t] = _mm512_and_si512(v, low);
+                        hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    } else {
+                        lo[t] = _mm512_loadu_si512(row);
+                        hi[t] = _mm512_loadu_si512(row + NB * 64);
+                    }
+                }
+                _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
+                    const int32_t *a = (const int32_t *)(Aq + (size_t)r * K + b0 + p * 8);
+                    const __m512i a_lo = _mm512_set1_epi32(a[0]), a_hi = _mm512_set1_epi32(a[1]);
+                    _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+                        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], a_lo);
+                        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], a_hi);
+                    }
                 }
             }
-        }
-        const int blk = b - k0 / bs;
-        _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
-            const __m512 w = _mm512_loadu_ps(ws + (size_t)blk * NB * 16 + t * 16);
-            const __m512 z = zs ? _mm512_loadu_ps(zs + (size_t)blk * NB * 16 + t * 16) : _mm512_set1_ps(default_zero(bits));
-            _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
-                __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps((float)asum[(size_t)r * kb + b]),
-                                            _mm512_cvtepi32_ps(acc[r][t]));
-                accf[r][t] = _mm512_fmadd_ps(d, _mm512_mul_ps(w, _mm512_set1_ps(as[(size_t)r * kb + b])), accf[r][t]);
+            _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
+                const __m512 w = _mm512_loadu_ps(ws + (size_t)blk * NB * 16 + t * 16);
+                _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++) {
+                    __m512 d = _mm512_cvtepi32_ps(acc[r][t]);
+                    if (has_zp)  /* - z * sum(a) = (z / zero) * zsum */
+                        d = _mm512_fmadd_ps(_mm512_loadu_ps(zs + (size_t)blk * NB * 16 + t * 16),
+                                            _mm512_set1_ps((float)zsum[(size_t)r * kb + b]), d);
+                    _mm512_store_ps(accf[r] + 16 * t, _mm512_fmadd_ps(d, _mm512_mul_ps(w, _mm512_set1_ps(as[(size_t)r * kb + b])),
+                                                                      _mm512_load_ps(accf[r] + 16 * t)));
+                }
             }
         }
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
         _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++) {
             const __mmask16 live = live_columns(n_end, n0 + 16 * t);
-            __m512 o = accf[r][t];
+            __m512 o = _mm512_load_ps(accf[r] + 16 * t);
             if (last && bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(live, bias + n0 + 16 * t));
             if (last && gelu) o = gelu_tanh512(o);
             _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * t, live, o);
         }
 }
 
-#define MICRO_CASE(BITS, R) case R: micro(BITS, R, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
-        asum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * ldc + (n0 - n_begin), ldc, k0 == 0, \
+#define MICRO_CASE(BITS, R, ZP) case R: micro(BITS, R, ZP, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
+        zsum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * ldc + (n0 - n_begin), ldc, k0 == 0, \
         k0 + kc >= K, gelu); break;
-#define MICRO_CASES(BITS) switch (M - m < MR ? M - m : MR) { MICRO_CASE(BITS, 1) MICRO_CASE(BITS, 2) MICRO_CASE(BITS, 3) }
+#define MICRO_CASES(BITS, ZP) switch (M - m < MR ? M - m : MR) { \
+    MICRO_CASE(BITS, 1, ZP) MICRO_CASE(BITS, 2, ZP) MICRO_CASE(BITS, 3, ZP) }
 
 /* C[M, N] = A @ W^T (+ bias), FastGelu'd when gelu, for columns [n_begin, n_end) (multiples of 16 except at N):
-   C (row stride ldc) points at column n_begin of row 0. Aq, as, asum: A quantized by nbits_quantize_rows
+   C (row stride ldc) points at column n_begin of row 0. Aq, as, zsum: A quantized by nbits_quantize_rows
    (ldq = K). B uint8 [N, K * bits / 8] (MatMulNBits, block bs), scales [N, K/bs], zp (see zero_of) or NULL.
    scratch: nbits_scratch_bytes. */
 void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const int8_t *Aq, const float *as,
-                const int32_t *asum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                const int32_t *zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
                 int gelu, float *C, int ldc, uint8_t *scratch) {
     const int kb = K / bs, kc_max = PANEL_BYTES / (16 * bits) * 8;  /* 4096 k (4-bit), 2048 k (8-bit) */
     /* K in chunks of at most kc_max (whole blocks): the tile's panels stay in L1/L2 */
     const int chunks = (K + kc_max - 1) / kc_max, kc_step = ((K / chunks + bs - 1) / bs) * bs;
     uint8_t *panel = scratch;
-    float *ws = (float *)(scratch + NB * PANEL_BYTES), *zs_buf = ws + (KC_MAX / 16) * NB * 16;
+    float *ws = (float *)(scratch + NB * PANEL_BYTES), *zs = ws + (KC_MAX / 16) * NB * 16;
     for (int n0 = n_begin; n0 < n_end; n0 += NB * 16) {
         for (int k0 = 0; k0 < K; k0 += kc_step) {
             const int kc = K - k0 < kc_step ? K - k0 : kc_step;
-            for (int t = 0; t < NB; t++)
-                pack_panel(bits, B, K * bits / 8, n0 + 16 * t, n_end, k0, kc, panel + t * PANEL_BYTES);
+            for (int t = 0; t < NB; t++) pack_panel(bits, B, K * bits / 8, n0 + 16 * t, n_end, k0, kc, t, panel);
             for (int b = k0 / bs; b < (k0 + kc) / bs; b++)
                 for (int j = 0; j < NB * 16; j++) {
                     const int n = n0 + j < n_end ? n0 + j : n_end - 1;
                     ws[(size_t)(b - k0 / bs) * NB * 16 + j] = scales[(size_t)n * kb + b];
-                    if (zp) zs_buf[(size_t)(b - k0 / bs) * NB * 16 + j] = zero_of(bits, zp, kb, n, b);
+                    if (zp) zs[(size_t)(b - k0 / bs) * NB * 16 + j] = zero_of(bits, zp, kb, n, b) / default_zero(bits);
                 }
-            const float *zs = zp ? zs_buf : 0;
-            for (int m = 0; m < M; m += MR) {  /* a specialized kernel per bit width and row count */
-                if (bits == 4) MICRO_CASES(4) else MICRO_CASES(8)
+            for (int m = 0; m < M; m += MR) {  /* a specialized kernel per bit width, row count and zero points */
+                if (zp) { if (bits == 4) MICRO_CASES(4, 1) else MICRO_CASES(8, 1) }
+                else if (bits == 4) MICRO_CASES(4, 0) else MICRO_CASES(8, 0)
             }
         }
     }

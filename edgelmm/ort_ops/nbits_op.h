@@ -5,7 +5,7 @@
 
 typedef struct { int K, N, bs, bits, gelu; } Linear;                /* one MatMulNBits's shape */
 typedef struct { const uint8_t *B, *zp; const float *scales, *bias; } Weights;
-typedef struct { int8_t *q; float *scale; int32_t *sum; } Quantized;  /* rows quantized per block (nbits_quantize_rows) */
+typedef struct { int8_t *q; float *scale; int32_t *zsum; } Quantized;  /* rows quantized per block (nbits_quantize_rows) */
 typedef struct { int n_begin, n_end; float *C; } Columns;  /* output columns [n_begin, n_end), C at n_begin */
 
 /* A linear's shape from a node's attributes, checked. */
