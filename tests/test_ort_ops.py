@@ -302,8 +302,9 @@ def _mlp_model(rows, k, n, bits, down_bits, down_block, zero_points, extra_use=N
     (3, 160, 2176, 8, 8, 128, True), (4, 128, 1280, 4, 4, 256, False), (6, 64, 6144, 4, 4, 2048, False)])
 def test_mlp_fused_into_one_op(rows, k, n, bits, down_bits, down_block, zero_points):
     """The rewrite fuses MatMulNBits -> FastGelu -> MatMulNBits (Phi's MLP) into one GeluMlpNBits, which makes
-    the intermediate activations a chunk of columns at a time: bit-identical to edgelmm's two ops (the
-    FastGelu fused into the first), and matching onnxruntime's three nodes. An activation read by another node
+    the intermediate activations a task's columns at a time (128, or a down block when wider; the last task
+    partial): bit-identical to edgelmm's two ops (the FastGelu fused into the first), and matching
+    onnxruntime's three nodes. An activation read by another node
     is not fused (the FastGelu is, into the first matmul)."""
     model = _mlp_model(rows, k, n, bits, down_bits, down_block, zero_points)
     rewritten, moved = ort_ops.rewrite_model(model.SerializeToString())

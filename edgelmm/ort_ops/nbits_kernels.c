@@ -83,66 +83,77 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
 }
 
 /* 8 vpdpbusd of one row: its two dwords of an 8-k step (at A and A4) against the four panels' low nibbles
-   (zmm12-15) and high nibbles (zmm16-19), into sums S0..S3. */
+   (zmm20-23) and high nibbles (zmm24-27), into sums S0..S3. */
 #define ROW_STEP(A, A4, S0, S1, S2, S3) \
-    "vpbroadcastd " A ", %%zmm20\n\t" "vpbroadcastd " A4 ", %%zmm21\n\t" \
-    "vpdpbusd %%zmm20, %%zmm12, %%zmm" S0 "\n\t" "vpdpbusd %%zmm20, %%zmm13, %%zmm" S1 "\n\t" \
-    "vpdpbusd %%zmm20, %%zmm14, %%zmm" S2 "\n\t" "vpdpbusd %%zmm20, %%zmm15, %%zmm" S3 "\n\t" \
-    "vpdpbusd %%zmm21, %%zmm16, %%zmm" S0 "\n\t" "vpdpbusd %%zmm21, %%zmm17, %%zmm" S1 "\n\t" \
-    "vpdpbusd %%zmm21, %%zmm18, %%zmm" S2 "\n\t" "vpdpbusd %%zmm21, %%zmm19, %%zmm" S3 "\n\t"
-/* Low (L) and high (H) nibbles of the panel row in register R. */
-#define NIBBLES(R, L, H) \
-    "vpandd %%zmm22, %%zmm" R ", %%zmm" L "\n\t" "vpsrlw $4, %%zmm" R ", %%zmm" R "\n\t" \
-    "vpandd %%zmm22, %%zmm" R ", %%zmm" H "\n\t"
+    "vpbroadcastd " A ", %%zmm28\n\t" "vpbroadcastd " A4 ", %%zmm29\n\t" \
+    "vpdpbusd %%zmm28, %%zmm20, %%zmm" S0 "\n\t" "vpdpbusd %%zmm28, %%zmm21, %%zmm" S1 "\n\t" \
+    "vpdpbusd %%zmm28, %%zmm22, %%zmm" S2 "\n\t" "vpdpbusd %%zmm28, %%zmm23, %%zmm" S3 "\n\t" \
+    "vpdpbusd %%zmm29, %%zmm24, %%zmm" S0 "\n\t" "vpdpbusd %%zmm29, %%zmm25, %%zmm" S1 "\n\t" \
+    "vpdpbusd %%zmm29, %%zmm26, %%zmm" S2 "\n\t" "vpdpbusd %%zmm29, %%zmm27, %%zmm" S3 "\n\t"
+/* The panel row at OFF: its low nibbles into zmm L, its high into zmm H (loaded there first). */
+#define NIBBLES(OFF, L, H) \
+    "vmovdqu64 " OFF "(%[pp]), %%zmm" H "\n\t" "vpandd %%zmm30, %%zmm" H ", %%zmm" L "\n\t" \
+    "vpsrlw $4, %%zmm" H ", %%zmm" H "\n\t" "vpandd %%zmm30, %%zmm" H ", %%zmm" H "\n\t"
 /* Start sums S0..S3 at the row's zsum (at Z). */
 #define ROW_START(Z, S0, S1, S2, S3) \
     "vpbroadcastd " Z ", %%zmm" S0 "\n\t" "vpbroadcastd " Z ", %%zmm" S1 "\n\t" \
     "vpbroadcastd " Z ", %%zmm" S2 "\n\t" "vpbroadcastd " Z ", %%zmm" S3 "\n\t"
-/* accf[OFF..] += float(sum S) * (the block's weight scales W x the row's scale in zmm20), for one panel. */
+/* accf at OFF += float(sum S) * (the block's weight scales at W x the row's scale in zmm28): one panel. */
 #define SCALE(S, W, OFF) \
-    "vcvtdq2ps %%zmm" S ", %%zmm" S "\n\t" "vmulps " W "(%[ws]), %%zmm20, %%zmm21\n\t" \
-    "vfmadd213ps " OFF "(%[accf]), %%zmm21, %%zmm" S "\n\t" "vmovaps %%zmm" S ", " OFF "(%[accf])\n\t"
+    "vcvtdq2ps %%zmm" S ", %%zmm" S "\n\t" "vmulps " W "(%[ws]), %%zmm28, %%zmm29\n\t" \
+    "vfmadd213ps " OFF "(%[accf]), %%zmm29, %%zmm" S "\n\t" "vmovaps %%zmm" S ", " OFF "(%[accf])\n\t"
+/* One row's four panels: its scale at AS, sums S0..S3, accf row at OFF0 (+64 per panel). */
 #define ROW_SCALE(AS, S0, S1, S2, S3, OFF0, OFF1, OFF2, OFF3) \
-    "vbroadcastss " AS ", %%zmm20\n\t" \
+    "vbroadcastss " AS ", %%zmm28\n\t" \
     SCALE(S0, "0", OFF0) SCALE(S1, "64", OFF1) SCALE(S2, "128", OFF2) SCALE(S3, "192", OFF3)
 
-/* The micro-kernel's blocks for 3 rows of 4-bit weights without zero points, in assembly (GCC's intrinsics
-   version copied sums between registers every step and ran ~20% slower). Rows a, a + lda, a + 2 lda of Aq
+/* The micro-kernel's blocks for ASM_ROWS (5) rows of 4-bit weights without zero points, in assembly (GCC's
+   intrinsics version copied sums between registers every step and ran ~20% slower). Rows a + r lda of Aq
    against a tile's packed panel, over `blocks` blocks of `steps` 8-k steps; zsum and as point at the rows'
    first block (row stride ldb bytes), ws at the blocks' [NB * 16] weight scales. Per block: int32 sums from
-   zsum, then accf [3][64] += float(sum) * (weight scale x row scale). Sums: zmm0-11 (row r, panel t: 4r + t). */
-static void rows3_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const int32_t *zsum, const float *as,
+   zsum, then accf [5][64] += float(sum) * (weight scale x row scale). Registers: sums zmm0-19 (row r, panel
+   t: 4r + t), nibbles zmm20-27, activations zmm28-29 (then the scale product), 0x0F bytes zmm30. Rows 3 and 4
+   are addressed from a3 = a + 3 lda (and from zs / as + 3 ldb in `left`, free outside the step loop). */
+#define ASM_ROWS 5
+static void rows5_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const int32_t *zsum, const float *as,
                        size_t ldb, const float *ws, int steps, int blocks, float *accf) {
-    int left;
+    const int8_t *a3 = a + 3 * lda;
+    size_t left;
     __asm__ volatile(
-        "vpternlogd $0xff, %%zmm22, %%zmm22, %%zmm22\n\t"
-        "vpsrlw $12, %%zmm22, %%zmm22\n\t"
-        "vpbroadcastb %%xmm22, %%zmm22\n\t"  /* 0x0F bytes */
+        "vpternlogd $0xff, %%zmm30, %%zmm30, %%zmm30\n\t"
+        "vpsrlw $12, %%zmm30, %%zmm30\n\t"
+        "vpbroadcastb %%xmm30, %%zmm30\n\t"  /* 0x0F bytes */
         "2:\n\t"
+        "lea (%[zs],%[ldb],2), %[left]\n\t" "add %[ldb], %[left]\n\t"  /* row 3's zsum */
         ROW_START("(%[zs])", "0", "1", "2", "3")
         ROW_START("(%[zs],%[ldb],1)", "4", "5", "6", "7")
         ROW_START("(%[zs],%[ldb],2)", "8", "9", "10", "11")
-        "mov %[steps], %[left]\n\t"
+        ROW_START("(%[left])", "12", "13", "14", "15")
+        ROW_START("(%[left],%[ldb],1)", "16", "17", "18", "19")
+        "mov %[steps], %k[left]\n\t"
         "1:\n\t"
-        "vmovdqu64 (%[pp]), %%zmm23\n\t" "vmovdqu64 64(%[pp]), %%zmm24\n\t"
-        "vmovdqu64 128(%[pp]), %%zmm25\n\t" "vmovdqu64 192(%[pp]), %%zmm26\n\t"
-        NIBBLES("23", "12", "16") NIBBLES("24", "13", "17") NIBBLES("25", "14", "18") NIBBLES("26", "15", "19")
+        NIBBLES("0", "20", "24") NIBBLES("64", "21", "25") NIBBLES("128", "22", "26") NIBBLES("192", "23", "27")
         ROW_STEP("(%[a])", "4(%[a])", "0", "1", "2", "3")
         ROW_STEP("(%[a],%[lda],1)", "4(%[a],%[lda],1)", "4", "5", "6", "7")
         ROW_STEP("(%[a],%[lda],2)", "4(%[a],%[lda],2)", "8", "9", "10", "11")
-        "add $256, %[pp]\n\t" "add $8, %[a]\n\t"
-        "dec %[left]\n\t" "jnz 1b\n\t"
+        ROW_STEP("(%[a3])", "4(%[a3])", "12", "13", "14", "15")
+        ROW_STEP("(%[a3],%[lda],1)", "4(%[a3],%[lda],1)", "16", "17", "18", "19")
+        "add $256, %[pp]\n\t" "add $8, %[a]\n\t" "add $8, %[a3]\n\t"
+        "dec %k[left]\n\t" "jnz 1b\n\t"
+        "lea (%[as],%[ldb],2), %[left]\n\t" "add %[ldb], %[left]\n\t"  /* row 3's scale */
         ROW_SCALE("(%[as])", "0", "1", "2", "3", "0", "64", "128", "192")
         ROW_SCALE("(%[as],%[ldb],1)", "4", "5", "6", "7", "256", "320", "384", "448")
         ROW_SCALE("(%[as],%[ldb],2)", "8", "9", "10", "11", "512", "576", "640", "704")
+        ROW_SCALE("(%[left])", "12", "13", "14", "15", "768", "832", "896", "960")
+        ROW_SCALE("(%[left],%[ldb],1)", "16", "17", "18", "19", "1024", "1088", "1152", "1216")
         "add $4, %[zs]\n\t" "add $4, %[as]\n\t" "add $256, %[ws]\n\t"
         "dec %[blocks]\n\t" "jnz 2b\n\t"
-        : [pp] "+r"(panel), [a] "+r"(a), [zs] "+r"(zsum), [as] "+r"(as), [ws] "+r"(ws), [blocks] "+r"(blocks),
-          [left] "=&r"(left)
-        : [lda] "r"(lda), [ldb] "r"(ldb), [steps] "r"(steps), [accf] "r"(accf)
+        : [pp] "+r"(panel), [a] "+r"(a), [a3] "+r"(a3), [zs] "+r"(zsum), [as] "+r"(as), [ws] "+r"(ws),
+          [blocks] "+r"(blocks), [left] "=&r"(left)
+        : [lda] "r"(lda), [ldb] "r"(ldb), [steps] "m"(steps), [accf] "r"(accf)
         : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
-          "xmm22", "xmm23", "xmm24", "xmm25", "xmm26");
+          "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30");
 }
 #undef ROW_STEP
 #undef NIBBLES
@@ -159,13 +170,13 @@ static inline __attribute__((always_inline)) void micro(
         const float *as, const int32_t *zsum, const uint8_t *panel, const float *ws, const float *zs,
         const float *bias, int n_end, int n0, float *C, int ldc, int first, int last, int gelu) {
     const int kb = K / bs, rows_per_step = bits / 4;  /* 64-byte panel rows per 8-k step */
-    float accf[MR][NB * 16] __attribute__((aligned(64)));
+    float accf[ASM_ROWS][NB * 16] __attribute__((aligned(64)));  /* MR <= ASM_ROWS */
     _Pragma("GCC unroll 8") for (int r = 0; r < mr; r++)
         _Pragma("GCC unroll 4") for (int t = 0; t < NB; t++)
             _mm512_store_ps(accf[r] + 16 * t, first ? _mm512_setzero_ps()
                             : _mm512_maskz_loadu_ps(live_columns(n_end, n0 + 16 * t), C + (size_t)r * ldc + 16 * t));
-    if (bits == 4 && mr == 3 && !has_zp) {
-        rows3_4bit(panel, Aq + k0, (size_t)K, zsum + k0 / bs, as + k0 / bs, (size_t)kb * sizeof(float), ws, bs / 8,
+    if (bits == 4 && mr == ASM_ROWS && !has_zp) {
+        rows5_4bit(panel, Aq + k0, (size_t)K, zsum + k0 / bs, as + k0 / bs, (size_t)kb * sizeof(float), ws, bs / 8,
                    kc / bs, &accf[0][0]);
     } else {
         const __m512i low = _mm512_set1_epi8(0x0F);
@@ -249,7 +260,10 @@ void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const in
                     ws[(size_t)(b - k0 / bs) * NB * 16 + j] = scales[(size_t)n * kb + b];
                     if (zp) zs[(size_t)(b - k0 / bs) * NB * 16 + j] = zero_of(bits, zp, kb, n, b) / default_zero(bits);
                 }
-            for (int m = 0; m < M; m += MR) {  /* a specialized kernel per bit width, row count and zero points */
+            int m = 0;  /* 4-bit without zero points: the assembly kernel's rows first */
+            if (bits == 4 && !zp)
+                for (; M - m >= ASM_ROWS; m += ASM_ROWS) switch (ASM_ROWS) { MICRO_CASE(4, ASM_ROWS, 0) }
+            for (; m < M; m += MR) {  /* a specialized kernel per bit width, row count and zero points */
                 if (zp) { if (bits == 4) MICRO_CASES(4, 1) else MICRO_CASES(8, 1) }
                 else if (bits == 4) MICRO_CASES(4, 0) else MICRO_CASES(8, 0)
             }
