@@ -8,7 +8,7 @@
 #include "kernels.h"
 #include "vec_math.h"
 
-#define MR 3   /* rows x NB 16-column panels per micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
+#define MR 3   /* rows x NB 16-column panels per C micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
 #define NB 4
 #define PANEL_BYTES 32768  /* one packed 16-column panel of a K chunk: 4096 k of 4-bit or 2048 k of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
