@@ -66,12 +66,18 @@ void gqa_store_row(void *cache, size_t row, const float *x, int n, int format) {
 void gqa_rotate(const float *x, float *out, int head_dim, int rotary_dim, const float *cos_row, const float *sin_row,
                 float scale) {
     const int half = rotary_dim / 2;
-    for (int i = 0; i < half; i++) {
-        const float x1 = x[i], x2 = x[i + half];
-        out[i] = (x1 * cos_row[i] - x2 * sin_row[i]) * scale;
-        out[i + half] = (x2 * cos_row[i] + x1 * sin_row[i]) * scale;
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < half; i += 16) {
+        const __mmask16 m = half - i >= 16 ? 0xFFFF : (__mmask16)((1u << (half - i)) - 1);
+        const __m512 x1 = _mm512_maskz_loadu_ps(m, x + i), x2 = _mm512_maskz_loadu_ps(m, x + i + half);
+        const __m512 c = _mm512_maskz_loadu_ps(m, cos_row + i), s = _mm512_maskz_loadu_ps(m, sin_row + i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_fmsub_ps(x1, c, _mm512_mul_ps(x2, s)), sc));
+        _mm512_mask_storeu_ps(out + i + half, m, _mm512_mul_ps(_mm512_fmadd_ps(x2, c, _mm512_mul_ps(x1, s)), sc));
     }
-    for (int i = rotary_dim; i < head_dim; i++) out[i] = x[i] * scale;
+    for (int i = rotary_dim; i < head_dim; i += 16) {
+        const __mmask16 m = head_dim - i >= 16 ? 0xFFFF : (__mmask16)((1u << (head_dim - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), sc));
+    }
 }
 
 /* v[t] summed across lanes, as lane t of the result (a transpose-and-add tree). */
