@@ -12,7 +12,9 @@ Rotary: GQA applies it itself (``do_rotary``) when its kernel supports the famil
 on the first ``rotary_dim`` dims, with ``rotary_dim / 2`` a multiple of 8 and at most ``head_dim / 2``
 (Phi-2's partial rotary, 32 of 80 dims, qualifies; the rest of each head passes through). Otherwise (e.g.
 tiny test models) q and k go through ``RotaryEmbedding`` with ``rotary_embedding_dim`` first, at positions
-derived from the attention mask. Only the last position reaches the LM head.
+derived from the attention mask. Only the last position reaches the LM head, so the last layer goes on past
+its attention (o linear, MLP, norms) with that position alone: its keys and values are all the cache needs of
+the others (a prompt's prefill ~2% less work on Phi-2's 32 layers).
 """
 from __future__ import annotations
 
@@ -54,9 +56,8 @@ class _Decoder:
         self._attention_inputs(x, mask)
         h = self._first_norm(x)
         for i in range(cfg.num_layers):
-            x, h = self._layer(i, x, h)
-        last = g.op("Slice", h, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))  # (B, 1, D)
-        g.node("Identity", [g.linear(last, self.lin["lm_head"], "lm_head")], outputs=["logits"])
+            x, h = self._layer(i, x, h)  # the last layer's: the last position only, (B, 1, D)
+        g.node("Identity", [g.linear(h, self.lin["lm_head"], "lm_head")], outputs=["logits"])
         g.output("logits", g.onnx_dtype, ["batch", 1, cfg.vocab_size])
         return g.model()
 
@@ -117,9 +118,17 @@ class _Decoder:
     def _next_norm(self, i: int) -> str:
         return f"layers.{i + 1}.input_layernorm" if i + 1 < self.cfg.num_layers else "final_norm"
 
+    def _last_position(self, t: str) -> str:
+        """(B, S, D) -> (B, 1, D)."""
+        return self.g.op("Slice", t, self.g.const([-1]), self.g.const([np.iinfo(np.int64).max]), self.g.const([1]))
+
     def _layer(self, i: int, x: str, h: str) -> tuple[str, str]:
-        """Layer i given its input residual x and normed input h; returns (residual, next normed input)."""
-        attn = self._attention(i, h)
+        """Layer i given its input residual x and normed input h; returns (residual, next normed input), of the
+        last position only for the last layer."""
+        last = i == self.cfg.num_layers - 1
+        attn = self._attention(i, h, last)
+        if last:
+            x, h = self._last_position(x), self._last_position(h)
         if not self.rms:  # Phi: x + attn(h) + mlp(h)
             mlp = self.g.linear(self._act(self.g.linear(h, self.lin[f"layers.{i}.up"], f"layers.{i}.up")),
                                 self.lin[f"layers.{i}.down"], f"layers.{i}.down")
@@ -135,7 +144,9 @@ class _Decoder:
     def _act(self, x: str) -> str:
         return self.g.activation(x, self.cfg.hidden_act)
 
-    def _attention(self, i: int, h: str) -> str:
+    def _attention(self, i: int, h: str, last_position: bool = False) -> str:
+        """Layer i's attention output (every position's keys and values into the cache; with last_position,
+        the output of the last one alone)."""
         g, cfg = self.g, self.cfg
         qkv = g.linear(h, self.lin[f"layers.{i}.qkv"], f"layers.{i}.qkv")  # (B, S, (H + 2 Hkv) Dh)
         shape = ["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim]
@@ -162,6 +173,8 @@ class _Decoder:
                      outputs=[f"layers.{i}.attn/out", *present], domain=MS_DOMAIN, name=f"layers.{i}.attn",
                      num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=int(self.fused_rotary),
                      rotary_interleaved=0)[0]
+        if last_position:
+            out = self._last_position(out)
         out = g.linear(out, self.lin[f"layers.{i}.o"], f"layers.{i}.o")
         if cfg.post_attention_rmsnorm:  # TinyGPT-V's post_layernorm (LlamaRMSNorm, eps 1e-6)
             out = self._rms(out, f"layers.{i}.post_layernorm", 1e-6)
