@@ -283,6 +283,9 @@ def test_decoder_graph_matches_torch(case):
     graph = build_decoder(cfg, decoder_linears(text, []), decoder_norms(text))
     ops = {n.op_type for n in graph.graph.node}
     assert ("RotaryEmbedding" in ops) != fused
+    made_by = {out: n for n in graph.graph.node for out in n.output}
+    last_o = [n for n in graph.graph.node if n.name.startswith(f"layers.{cfg.num_layers - 1}.o/") and n.op_type != "Add"]
+    assert len(last_o) == 1 and made_by[last_o[0].input[0]].op_type == "Slice"  # past attention: one position
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     embeds = torch.randn(1, 7, cfg.hidden_size)
     with torch.no_grad():
