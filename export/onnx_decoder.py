@@ -128,8 +128,10 @@ class _Decoder:
         last = i == self.cfg.num_layers - 1
         attn = self._attention(i, h, last)
         if last:
-            x, h = self._last_position(x), self._last_position(h)
+            x = self._last_position(x)
         if not self.rms:  # Phi: x + attn(h) + mlp(h)
+            if last:
+                h = self._last_position(h)
             mlp = self.g.linear(self._act(self.g.linear(h, self.lin[f"layers.{i}.up"], f"layers.{i}.up")),
                                 self.lin[f"layers.{i}.down"], f"layers.{i}.down")
             h, x = self._skip_norm(self.g.op("Add", attn, mlp), x, self._next_norm(i))

@@ -98,8 +98,9 @@ def _run(model: bytes, x, custom: bool):
 
 
 # rows (1 = the GEMV), K, N, block, zero points, bias: K below / not a multiple of the 128-k GEMV chunk, column
-# counts that leave partial 16-column panels and 64-column tiles, row counts that are not multiples of 3
-# K above the GEMM's 4096-deep panels, N wide enough for 8 column tasks, an odd number of blocks with zero points;
+# counts that leave partial 16-column panels and 64-column tiles, row counts that leave 1-4 rows after the
+# 4-bit assembly kernel's groups of 5 (or 3 of the C kernel's), blocks of 16 k (2 steps a block) through it,
+# K above the GEMM's 4096-deep panels, N wider than 8 column tiles, an odd number of blocks with zero points;
 # 8-bit (the LM head's default): K not a multiple of its 64-k GEMV chunk, blocks 16..256, K above its 2048-deep
 # panels, with and without zero points
 @needs_ops
@@ -110,7 +111,8 @@ def _run(model: bytes, x, custom: bool):
     (4, 5, 5120, 300, 128, False, True), (4, 3, 96, 260, 32, True, True), (4, 1, 96, 40, 32, True, False),
     (8, 1, 2560, 300, 128, False, True), (8, 1, 80, 40, 16, True, False), (8, 1, 96, 33, 32, False, False),
     (8, 1, 512, 64, 256, True, True), (8, 7, 640, 130, 64, True, True), (8, 67, 2560, 200, 128, False, False),
-    (8, 4, 4352, 80, 128, True, False), (8, 2, 96, 17, 32, False, True)])
+    (8, 4, 4352, 80, 128, True, False), (8, 2, 96, 17, 32, False, True),
+    (4, 9, 256, 100, 16, False, False), (4, 13, 640, 200, 32, False, True)])
 def test_matches_onnxruntime_matmulnbits(bits, rows, k, n, block, zero_points, bias):
     rng = np.random.default_rng(rows * 1000 + k + n)
     packed, scales, zp, w = _weights(rng, n, k, block, zero_points, bits)

@@ -14,9 +14,9 @@ void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const in
                 int gelu, float *C, int ldc, uint8_t *scratch);
 int nbits_gemv_chunks(int bits, int K);
 void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
-                        float *lane_zsum);
+                        float *lane_sum);
 void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-                const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                const float *lane_sum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
                 int gelu, float *y);
 extern const size_t nbits_scratch_bytes;
 

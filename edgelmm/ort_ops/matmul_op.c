@@ -6,7 +6,7 @@
    GeluMlpNBits: MatMulNBits (up, K -> N) -> FastGelu -> MatMulNBits (down, N -> down_N), Phi's MLP, as one op:
    inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
    and down_N, down_bits, down_block_size. For a prompt, each task makes MLP_TASK_COLUMNS columns of the up
-   projection for every row and quantizes them for the down projection at once: a prompt's [M, N] fp32 buffer
+   projection (or a down block, when wider) for every row and quantizes them for the down projection at once: a prompt's [M, N] fp32 buffer
    becomes [M, N] int8, in one parallel call (chunks of 1024 columns, each made then quantized, took 20 calls
    and ran ~5% slower). (Adding each task's columns into the down projection's sum as made would drop the int8
    buffer too, but costs fc2 20%: its [M, down_N] output no longer stays in cache between the K slices.)
@@ -60,7 +60,7 @@ typedef struct {
     const float *A;
     Quantized q;
     const Columns *ranges;
-    float *lane_scale, *lane_zsum;
+    float *lane_scale, *lane_sum;
     int8_t *ag;
 } Work;
 
@@ -110,7 +110,7 @@ static void gemv_task(void *p, size_t i) {
     task_range(0, w->width, w->tasks, (int)i, 4, &b, &e);
     for (int r = 0, at = 0; r < w->count; at += w->ranges[r].n_end - w->ranges[r].n_begin, r++)
         if (part_of(&w->ranges[r], at, b, e, &n0, &n1))
-            nbits_gemv(w->l->bits, w->l->K, w->l->bs, n0, n1, w->ag, w->lane_scale, w->lane_zsum, w->w->B,
+            nbits_gemv(w->l->bits, w->l->K, w->l->bs, n0, n1, w->ag, w->lane_scale, w->lane_sum, w->w->B,
                        w->w->scales, w->w->zp, w->w->bias, w->l->gelu, w->ranges[r].C + (n0 - w->ranges[r].n_begin));
 }
 
@@ -135,15 +135,15 @@ OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Lin
     const int chunks = nbits_gemv_chunks(l->bits, l->K);
     w.ag = op_alloc(alloc, (size_t)chunks * 128);
     w.lane_scale = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
-    w.lane_zsum = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
+    w.lane_sum = op_alloc(alloc, (size_t)chunks * 16 * sizeof(float));
     OrtStatus *status = 0;
-    if (!w.ag || !w.lane_scale || !w.lane_zsum) {
+    if (!w.ag || !w.lane_scale || !w.lane_sum) {
         status = op_error("edgelmm nbits matmul: out of memory");
     } else {
-        nbits_gemv_prepare(l->bits, l->K, l->bs, q->q, q->scale, w.ag, w.lane_scale, w.lane_zsum);
+        nbits_gemv_prepare(l->bits, l->K, l->bs, q->q, q->scale, w.ag, w.lane_scale, w.lane_sum);
         status = op_parallel(ctx, gemv_task, w.tasks, &w);
     }
-    op_free(alloc, w.ag); op_free(alloc, w.lane_scale); op_free(alloc, w.lane_zsum);
+    op_free(alloc, w.ag); op_free(alloc, w.lane_scale); op_free(alloc, w.lane_sum);
     return status;
 }
 
@@ -234,7 +234,7 @@ static void up_task(void *p, size_t i) {
     float *made = op_alloc(u->alloc, (size_t)u->M * width * sizeof(float));
     if (scratch && made) {
         nbits_gemm(u->up->bits, u->M, u->up->K, u->up->bs, c0, c0 + width, u->x.q, u->x.scale, u->x.zsum, u->w->B,
-                   u->w->scales, u->w->zp, u->w->bias, 1, made, width, scratch);
+                   u->w->scales, u->w->zp, u->w->bias, u->up->gelu, made, width, scratch);
         const int b0 = c0 / u->down->bs;
         nbits_quantize_rows(u->down->bits, 0, u->M, width, u->down->bs, made, width, u->h.q + c0, u->up->N,
                             u->h.scale + b0, u->h.zsum + b0);

@@ -10,7 +10,7 @@
 
 #define MR 3   /* rows x NB 16-column panels per C micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
 #define NB 4
-#define PANEL_BYTES 32768  /* one packed 16-column panel of a K chunk: 4096 k of 4-bit or 2048 k of 8-bit */
+#define PANEL_BYTES 32768  /* a 16-column sub-panel's share of a tile's packed K chunk: 4096 k of 4-bit, 2048 of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
 
 /* The zero point of weights without zero points: 8 (4-bit), 128 (8-bit). */
@@ -115,6 +115,7 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
    t: 4r + t), nibbles zmm20-27, activations zmm28-29 (then the scale product), 0x0F bytes zmm30. Rows 3 and 4
    are addressed from a3 = a + 3 lda (and from zs / as + 3 ldb in `left`, free outside the step loop). */
 #define ASM_ROWS 5
+_Static_assert(NB == 4 && MR <= ASM_ROWS, "rows5_4bit reads 4 sub-panels (256-byte rows); micro's accf holds MR rows");
 static void rows5_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const int32_t *zsum, const float *as,
                        size_t ldb, const float *ws, int steps, int blocks, float *accf) {
     const int8_t *a3 = a + 3 * lda;
@@ -164,7 +165,7 @@ static void rows5_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const 
 /* C rows [0, mr) x the tile's NB*16 columns n0.. (those below n_end; C points at column n0 of row 0) over k in
    [k0, k0+kc): accumulate into C (first: start from 0); last: add the bias, then FastGelu when gelu. panel: the
    tile's packed K chunk (pack_panel); ws: [block][NB*16] weight scales; zs: [block][NB*16] zero points /
-   default_zero(bits), or NULL. */
+   default_zero(bits), read only when has_zp. */
 static inline __attribute__((always_inline)) void micro(
         const int bits, const int mr, const int has_zp, int K, int bs, int k0, int kc, const int8_t *Aq,
         const float *as, const int32_t *zsum, const uint8_t *panel, const float *ws, const float *zs,
@@ -232,9 +233,10 @@ static inline __attribute__((always_inline)) void micro(
         }
 }
 
-#define MICRO_CASE(BITS, R, ZP) case R: micro(BITS, R, ZP, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
+#define MICRO_CALL(BITS, R, ZP) micro(BITS, R, ZP, K, bs, k0, kc, Aq + (size_t)m * K, as + (size_t)m * kb, \
         zsum + (size_t)m * kb, panel, ws, zs, bias, n_end, n0, C + (size_t)m * ldc + (n0 - n_begin), ldc, k0 == 0, \
-        k0 + kc >= K, gelu); break;
+        k0 + kc >= K, gelu)
+#define MICRO_CASE(BITS, R, ZP) case R: MICRO_CALL(BITS, R, ZP); break;
 #define MICRO_CASES(BITS, ZP) switch (M - m < MR ? M - m : MR) { \
     MICRO_CASE(BITS, 1, ZP) MICRO_CASE(BITS, 2, ZP) MICRO_CASE(BITS, 3, ZP) }
 
@@ -262,7 +264,7 @@ void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const in
                 }
             int m = 0;  /* 4-bit without zero points: the assembly kernel's rows first */
             if (bits == 4 && !zp)
-                for (; M - m >= ASM_ROWS; m += ASM_ROWS) switch (ASM_ROWS) { MICRO_CASE(4, ASM_ROWS, 0) }
+                for (; M - m >= ASM_ROWS; m += ASM_ROWS) MICRO_CALL(4, ASM_ROWS, 0);
             for (; m < M; m += MR) {  /* a specialized kernel per bit width, row count and zero points */
                 if (zp) { if (bits == 4) MICRO_CASES(4, 1) else MICRO_CASES(8, 1) }
                 else if (bits == 4) MICRO_CASES(4, 0) else MICRO_CASES(8, 0)
@@ -274,14 +276,14 @@ void nbits_gemm(int bits, int M, int K, int bs, int n_begin, int n_end, const in
 /* The GEMV reads B in chunks of 64 bytes per column: 128 k of 4-bit or 64 k of 8-bit, 16 lanes of 8 or 4 k. */
 static inline int chunk_k(int bits) { return 512 / bits; }
 
-/* How many chunks a K-deep row takes: ag holds 128 bytes per chunk, lane_scale and lane_zsum 16 floats. */
+/* How many chunks a K-deep row takes: ag holds 128 bytes per chunk, lane_scale and lane_sum 16 floats. */
 int nbits_gemv_chunks(int bits, int K) { return (K + chunk_k(bits) - 1) / chunk_k(bits); }
 
 /* GEMV operands for one quantized row, per chunk: 4-bit, the even then the odd dwords of Aq (lane l of a B
    chunk holds k 8l..8l+7 as nibbles); 8-bit, Aq's 64 bytes; each lane's scale (of its block) and the sum of
    its values. */
 void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *as, int8_t *ag, float *lane_scale,
-                        float *lane_zsum) {
+                        float *lane_sum) {
     const int chunks = nbits_gemv_chunks(bits, K), ck = chunk_k(bits), lane_k = ck / 16;
     memset(ag, 0, (size_t)chunks * 128);
     for (int c = 0; c < chunks; c++)
@@ -296,7 +298,7 @@ void nbits_gemv_prepare(int bits, int K, int bs, const int8_t *aq, const float *
                 scale = as[k / bs];
             }
             lane_scale[c * 16 + l] = scale;
-            lane_zsum[c * 16 + l] = sum;
+            lane_sum[c * 16 + l] = sum;
         }
 }
 
@@ -319,7 +321,7 @@ static inline __attribute__((always_inline)) __m512 lane_values(const float *v, 
 /* GEMV for one bit width and block size (constants after inlining). */
 static inline __attribute__((always_inline)) void gemv_bs(
         const int bits, const int bs, int K, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-        const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias, int gelu,
+        const float *lane_sum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias, int gelu,
         float *y) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int ck = chunk_k(bits), kb = K / bs, chunks = nbits_gemv_chunks(bits, K), ldb = K * bits / 8;
@@ -337,7 +339,7 @@ static inline __attribute__((always_inline)) void gemv_bs(
         for (int c = 0; c < chunks; c++) {
             const int8_t *a = ag + (size_t)c * 128;
             const __m512i a0 = _mm512_loadu_si512(a), a1 = bits == 4 ? _mm512_loadu_si512(a + 64) : a0;
-            const __m512 lsc = _mm512_loadu_ps(lane_scale + c * 16), lzs = _mm512_loadu_ps(lane_zsum + c * 16);
+            const __m512 lsc = _mm512_loadu_ps(lane_scale + c * 16), lzs = _mm512_loadu_ps(lane_sum + c * 16);
             const int b0 = c * ck / bs, full = c + 1 < chunks || tail_bytes == 64;
             const int nblk = kb - b0 < per_chunk ? kb - b0 : per_chunk;
             _Pragma("GCC unroll 4") for (int j = 0; j < GEMV_COLS; j++) {
@@ -371,15 +373,15 @@ static inline __attribute__((always_inline)) void gemv_bs(
 }
 
 #define GEMV_CASES(BITS) switch (bs) { \
-    case 16: gemv_bs(BITS, 16, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
-    case 32: gemv_bs(BITS, 32, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
-    case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; \
-    default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_zsum, B, scales, zp, bias, gelu, y); break; }
+    case 16: gemv_bs(BITS, 16, K, n_begin, n_end, ag, lane_scale, lane_sum, B, scales, zp, bias, gelu, y); break; \
+    case 32: gemv_bs(BITS, 32, K, n_begin, n_end, ag, lane_scale, lane_sum, B, scales, zp, bias, gelu, y); break; \
+    case 64: gemv_bs(BITS, 64, K, n_begin, n_end, ag, lane_scale, lane_sum, B, scales, zp, bias, gelu, y); break; \
+    default: gemv_bs(BITS, bs, K, n_begin, n_end, ag, lane_scale, lane_sum, B, scales, zp, bias, gelu, y); break; }
 
 /* y[n - n_begin] = a . W[n] (+ bias), FastGelu'd when gelu, for n in [n_begin, n_end), one prepared row (see
    nbits_gemv_prepare). */
 void nbits_gemv(int bits, int K, int bs, int n_begin, int n_end, const int8_t *ag, const float *lane_scale,
-                const float *lane_zsum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
+                const float *lane_sum, const uint8_t *B, const float *scales, const uint8_t *zp, const float *bias,
                 int gelu, float *y) {
     if (bits == 4) GEMV_CASES(4) else GEMV_CASES(8)
 }
