@@ -362,3 +362,34 @@ def test_benchmark_runs_on_tiny_shape(tmp_path):
     for field in ("decode_tok_s", "ttft_s", "peak_rss_gb", "weights_gb", "bandwidth_gbs_before", "profile"):
         assert field in result
     assert result["decode_tok_s"] > 0 and result["profile"]["decode"]["ops"]
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise")
+def test_mapped_pages_release_keeps_the_data(tmp_path):
+    """MappedPages.release drops a private file mapping's pages from the resident set (as the embedding table's
+    after each lookup), and reading them again gives the same values."""
+    from edgelmm.backend_onnx import MappedPages
+
+    path = (tmp_path / "table.data").resolve()
+    values = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)  # 4 MB
+    values.tofile(path)
+    table = np.memmap(path, np.float32, mode="c")  # private, as onnxruntime maps external weights
+    assert float(table.sum()) == pytest.approx(float(values.sum()), rel=1e-4)
+    assert _resident_kb(path) >= 4000
+    pages = MappedPages(path)
+    assert len(pages.ranges) == 1
+    pages.release()
+    assert _resident_kb(path) < 100
+    assert np.array_equal(np.asarray(table[::997]), values[::997])
