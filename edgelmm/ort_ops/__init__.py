@@ -5,9 +5,9 @@ projection before it fused in as ``QkvGroupQueryAttention``: a prompt's q|k|v ma
 Their scratch comes from onnxruntime's arena, where it reuses memory the graph's activations freed.
 
 onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
-length; nbits_kernels.c reaches ~1.5-1.6 TOPS on the same GEMMs (85-90% of the cores' ``vpdpbusd`` peak) by
-packing each 64-column tile's weights into one stream and feeding ``vpdpbusd`` from it (4-bit: in an assembly
-micro-kernel; the GEMV for one token streams each column once). It reads the
+length; nbits_kernels.c reaches ~1.4 TOPS on the same GEMMs in a prefill (one core alone: 85-90% of its
+``vpdpbusd`` peak) by packing each 64-column tile's weights into one stream and feeding ``vpdpbusd`` from it
+(4-bit: in an assembly micro-kernel; the GEMV for one token streams each column once). It reads the
 exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy (for the 8-bit LM head,
 131 MB on Phi-2, that copy was onnxruntime's largest allocation besides the cache), and it quantizes
 activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~2e-7.
