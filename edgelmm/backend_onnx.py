@@ -19,7 +19,16 @@ import numpy as np
 
 from . import ort_ops
 from .errors import ConfigError
-from .onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, OnnxConfig, chunk_bounds, prefill_chunk
+from .onnx_config import (
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    OnnxConfig,
+    chunk_bounds,
+    external_data_path,
+    prefill_chunk,
+)
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
@@ -163,7 +172,9 @@ class MappedPages:
     a minor fault). For the embedding table: a lookup reads a few rows, but the kernel's fault-around maps up
     to 64 KB of cached file around each, and they stayed resident (Phi-2's 800-token answer: 47-79 MB of the
     262 MB table, depending on how much of the file the page cache held, for ~8 MB of rows). onnxruntime maps
-    the file private and never writes it, so no page is lost. Linux only; elsewhere ``release`` does nothing."""
+    the file private and never writes it, so no page is lost. A one-token lookup then costs 0.05-0.1 ms instead
+    of ~0.02 (its pages fault back in): ~0.1% of a Phi-2 decode step, for a resident set that stays bounded
+    over a long answer. Linux only; elsewhere ``release`` does nothing."""
 
     def __init__(self, path: Path):
         self.ranges, self._madvise = [], None
@@ -191,7 +202,7 @@ class OnnxBackend:
         self.config, self.spec = config, config.spec
         self.decoder_kernels = decoder_kernels  # "edgelmm" when edgelmm.ort_ops runs the decoder's hot ops
         self.vision, self.embedding = sessions["vision"], sessions["embedding"]
-        self.embedding_pages = MappedPages(Path(config.embedding).with_name(Path(config.embedding).name + ".data"))
+        self.embedding_pages = MappedPages(external_data_path(config.embedding))
         self.device_type, self.max_seq_len = device_type, max_seq_len
         t = self.spec.text
         self.dtype = _NP[config.io_dtype]

@@ -150,6 +150,11 @@ class OnnxConfig:
             raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); export the model again") from None
 
 
+def external_data_path(graph: Path) -> Path:
+    """Where a graph's weights go beyond the export's external-data limit: ``<graph>.data`` beside it."""
+    return Path(graph).with_name(Path(graph).name + ".data")
+
+
 def is_onnx_export(folder: Path) -> bool:
     """Whether ``folder`` holds an ONNX export (its genai_config.json names an edgelmm model)."""
     return (Path(folder) / CONFIG_NAME).is_file()

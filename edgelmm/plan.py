@@ -247,7 +247,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     them as written), the KV cache for ``context`` positions (default: the export's context) in the export's
     I/O dtype, or as ``EDGELMM_ONNX_KV`` says on edgelmm's CPU attention op, image features and activations."""
     from . import ort_ops
-    from .onnx_config import OnnxConfig, prefill_chunk
+    from .onnx_config import OnnxConfig, external_data_path, prefill_chunk
 
     cfg = OnnxConfig.read(folder)
     spec, text = cfg.spec, cfg.spec.text
@@ -258,7 +258,7 @@ def plan_onnx_export(folder: Path, context: int | None = None, budget: int | Non
     plan = MemoryPlan(budget=budget)
     graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
     for part, graph in graphs:
-        plan.parts[part] = sum(f.stat().st_size for f in (graph, graph.with_name(graph.name + ".data")) if f.is_file())
+        plan.parts[part] = sum(f.stat().st_size for f in (graph, external_data_path(graph)) if f.is_file())
     plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * ort_ops.cache_row_bytes(
         text.head_dim, cache)
     image_tokens = spec.vision.num_image_tokens

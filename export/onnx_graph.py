@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgelmm.errors import UnsupportedModelError
+from edgelmm.onnx_config import external_data_path
 
 OPSET = 21  # ONNX domain opset; onnxruntime 1.31 runs up to 23
 IR_VERSION = 10  # what onnxruntime >= 1.20 accepts
@@ -161,7 +162,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     if size < EXTERNAL_DATA_LIMIT:
         onnx.save_model(model, str(path))
         return [path]
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     if not data.exists():  # every tensor was under the threshold

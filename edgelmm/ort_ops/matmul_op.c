@@ -6,9 +6,9 @@
    GeluMlpNBits: MatMulNBits (up, K -> N) -> FastGelu -> MatMulNBits (down, N -> down_N), Phi's MLP, as one op:
    inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
    and down_N, down_bits, down_block_size. For a prompt, each task makes MLP_TASK_COLUMNS columns of the up
-   projection (or a down block, when wider) for every row and quantizes them for the down projection at once: a prompt's [M, N] fp32 buffer
-   becomes [M, N] int8, in one parallel call (chunks of 1024 columns, each made then quantized, took 20 calls
-   and ran ~5% slower). (Adding each task's columns into the down projection's sum as made would drop the int8
+   projection (or a down block, when wider) for every row and quantizes them for the down projection at once:
+   a prompt's [M, N] fp32 buffer becomes [M, N] int8, in one parallel call (chunks of 1024 columns, each made
+   then quantized, took 20 calls and ran ~5% slower). (Adding each task's columns into the down projection's sum as made would drop the int8
    buffer too, but costs fc2 20%: its [M, down_N] output no longer stays in cache between the K slices.)
    Scratch comes from onnxruntime's arena (op_kernel_create). */
 #include "kernels.h"
@@ -17,7 +17,7 @@
 
 
 #define TASKS 8         /* per GEMV or quantize call, over onnxruntime's threads: contiguous column (row) ranges */
-#define MLP_TASK_COLUMNS 128  /* a prompt's up-projection columns per task (whole tiles; down blocks at most this) */
+#define MLP_TASK_COLUMNS 128  /* a prompt's up-projection columns per task (two tiles; a down block when wider) */
 
 OrtStatus *linear(int64_t K, int64_t N, int64_t bits, int64_t bs, int gelu, Linear *out) {
     if (bits != 4 && bits != 8) return op_error("edgelmm nbits matmul: bits must be 4 or 8");
