@@ -33,7 +33,7 @@ PROFILE_STEPS = 16
 
 def text_config(shape: str, layers: int | None = None):
     from edgelmm.config import TextConfig
-    from edgelmm.shapes import FULL, TINY
+    from edgelmm.synthetic.shapes import FULL, TINY
 
     cfg = {"vocab_size": 512, **(FULL if SHAPES[shape] == "full" else TINY)["phi"]}
     return TextConfig.from_hf({**cfg, **({"num_hidden_layers": layers} if layers else {})}, "phi")
@@ -73,8 +73,8 @@ def build(path: str, shape: str, layers: int | None, bits: int, block: int, lm_h
 
 def run(session, cfg, prompt: int, new: int, context: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for ``new`` tokens) through a KVDecoder."""
-    from edgelmm.backend_onnx import KVDecoder
-    from edgelmm.onnx_config import prefill_chunk
+    from edgelmm.backends.onnx.backend import KVDecoder
+    from edgelmm.backends.onnx.config import prefill_chunk
 
     rng = np.random.default_rng(1)
     dec = KVDecoder(session, cfg, np.float32, context, chunk=prefill_chunk())
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args(argv)
 
-    from edgelmm import ort_ops
-    from edgelmm.backend_onnx import decoder_session
-    from edgelmm.bench_machine import measure_bandwidth, peak_rss_bytes
-    from edgelmm.onnx_config import chunk_bounds, prefill_chunk
+    from edgelmm.backends.onnx import ops as ort_ops
+    from edgelmm.backends.onnx.backend import decoder_session
+    from edgelmm.bench.machine import measure_bandwidth, peak_rss_bytes
+    from edgelmm.backends.onnx.config import chunk_bounds, prefill_chunk
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ import onnxruntime  # noqa: F401  (imported before the baseline, as the backend 
 import tokenizers  # noqa: F401
 
 from edgelmm import EdgeLMM
-from edgelmm.bench_machine import resident_bytes
-from edgelmm.plan import plan_onnx_export
+from edgelmm.bench.machine import resident_bytes
+from edgelmm.plan.memory import plan_onnx_export
 
 
 def peak_resident_bytes() -> int:

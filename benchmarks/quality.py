@@ -23,9 +23,9 @@ from edgelmm import EdgeLMM
 from edgelmm.export.calibration import synthetic_image
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
-from edgelmm.kv_cache import KVCache
-from edgelmm.onnx_config import image_token_ids
-from edgelmm.tiny import make_tiny
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.backends.onnx.config import image_token_ids
+from edgelmm.synthetic.replicas import make_tiny
 
 CONFIGS = [("rtn", 32), ("gptq", 32), ("rtn", 128), ("gptq", 128)]
 HELDOUT_PROMPTS = ("What stands out most in this image?", "Give a one-line description.",

@@ -1,5 +1,5 @@
 """edgelmm: a quantized edge inference runtime for small vision-language models."""
-from .errors import EdgeLMMError
+from edgelmm.errors import EdgeLMMError
 
 __all__ = ["EdgeLMM", "EdgeLMMError", "Generation", "SamplingParams"]
 __version__ = "0.1.0"
@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # torch is imported only when the torch backend is used
     if name in ("EdgeLMM", "Generation"):
-        from . import api
+        from edgelmm import api
         return getattr(api, name)
     if name == "SamplingParams":
-        from .sampling import SamplingParams
+        from edgelmm.sampling import SamplingParams
         return SamplingParams
     raise AttributeError(f"module 'edgelmm' has no attribute {name!r}")

@@ -7,16 +7,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError, PromptTooLongError
-from .generate import Backend, StopStringFilter, generate_ids
-from .image import load_image, preprocess
-from .manifest import verify_manifest
-from .onnx_config import is_onnx_export
-from .sampling import SamplingParams
-from .spec import IMAGE_PLACEHOLDER
-from .templates import IMAGE_TAG, TEMPLATES, Template
-from .tinygptv_config import is_description
-from .tokenizer import Tokenizer
+from edgelmm.errors import CheckpointError, PromptTooLongError
+from edgelmm.generate import Backend, StopStringFilter, generate_ids
+from edgelmm.processing.image import load_image, preprocess
+from edgelmm.checkpoint.manifest import verify_manifest
+from edgelmm.backends.onnx.config import is_onnx_export
+from edgelmm.sampling import SamplingParams
+from edgelmm.spec import IMAGE_PLACEHOLDER
+from edgelmm.processing.templates import IMAGE_TAG, TEMPLATES, Template
+from edgelmm.families.tinygptv import is_description
+from edgelmm.processing.tokenizer import Tokenizer
 
 
 @dataclass
@@ -45,7 +45,7 @@ class EdgeLMM:
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None,
              max_memory=None) -> EdgeLMM:
         """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
-        description ``.json`` naming its released pieces (see ``edgelmm.tinygptv``), offline.
+        description ``.json`` naming its released pieces (see ``edgelmm.backends.torch.tinygptv``), offline.
 
         An ``edgelmm export --format onnx`` folder runs on onnxruntime (``dtype`` and ``vision_tower`` unused).
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to fp16 on CUDA and fp32 on CPU.
@@ -55,22 +55,22 @@ class EdgeLMM:
         MemoryBudgetError, a model that cannot fit instead of running out of memory mid-answer."""
         folder = Path(path).expanduser()
         if is_description(folder):  # a description file naming released pieces (TinyGPT-V)
-            from .tinygptv import load_tinygptv
+            from edgelmm.backends.torch.tinygptv import load_tinygptv
 
             return cls(*load_tinygptv(folder, device, dtype, context_length, max_memory))
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
         verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
         if is_onnx_export(folder):  # an ONNX export runs on onnxruntime, without torch
-            from .backend_onnx import OnnxBackend
-            from .plan import parse_size, plan_onnx_export, require_fit
+            from edgelmm.backends.onnx.backend import OnnxBackend
+            from edgelmm.plan.memory import parse_size, plan_onnx_export, require_fit
 
             if max_memory is not None:
                 require_fit(plan_onnx_export(folder, context_length, parse_size(max_memory)),
                             "Use a 4-bit export, --vision-bits 8, or a shorter context_length.")
 
             return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)
-        from .backend_torch import TorchBackend
+        from edgelmm.backends.torch.backend import TorchBackend
 
         backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length, max_memory)
         return cls(backend, Tokenizer.from_dir(folder), folder)

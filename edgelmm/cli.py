@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import EdgeLMMError
+from edgelmm.errors import EdgeLMMError
 
 
 def _sampling(args) -> dict:
@@ -29,7 +29,7 @@ def _print_timings(timings: dict[str, float], n_tokens: int) -> None:
 
 
 def cmd_ask(args) -> None:
-    from .api import EdgeLMM, Generation
+    from edgelmm.api import EdgeLMM, Generation
 
     model = EdgeLMM.load(args.model, device=args.device, dtype=args.dtype)
     result = Generation("", [], "")
@@ -40,7 +40,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from .tiny import make_tiny
+    from edgelmm.synthetic.replicas import make_tiny
 
     print(make_tiny(args.family, args.out, seed=args.seed, layout=args.layout, llm=args.llm))
 
@@ -48,8 +48,8 @@ def cmd_make_tiny(args) -> None:
 def cmd_demo(args) -> None:
     import numpy as np
 
-    from .api import EdgeLMM
-    from .tiny import make_tiny
+    from edgelmm.api import EdgeLMM
+    from edgelmm.synthetic.replicas import make_tiny
 
     with tempfile.TemporaryDirectory(prefix="edgelmm-demo-") as tmp:
         folder = make_tiny(args.family, Path(tmp) / f"tiny-{args.family}")
@@ -67,8 +67,8 @@ def cmd_demo(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
-    from .onnx_config import is_onnx_export
-    from .plan import PlanSettings, parse_size, plan_for
+    from edgelmm.backends.onnx.config import is_onnx_export
+    from edgelmm.plan.memory import PlanSettings, parse_size, plan_for
 
     settings = PlanSettings(bits=args.bits, group_size=args.group_size, kv_bits=8 if args.kv == "int8" else 16,
                             context=args.context, quantize_vision=args.quantize_vision,
@@ -82,13 +82,13 @@ def cmd_plan(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run
+    from edgelmm.bench.command import run
 
     run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tiny import FAMILIES
+    from edgelmm.synthetic.replicas import FAMILIES
 
     parser = argparse.ArgumentParser(prog="edgelmm", description="Run small vision-language models on the edge.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="latency, memory and bandwidth of the backends and peer runtimes")
-    from .bench import add_arguments  # argparse only (stdlib imports): the benchmark loads when it runs
+    from edgelmm.bench.command import add_arguments  # argparse only (stdlib imports): the benchmark loads when it runs
 
     add_arguments(bench).set_defaults(func=cmd_bench)
     from edgelmm.export.cli import add_export_parser  # light: the exporters load when the command runs

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from edgelmm.errors import ConfigError
 
 TEXT_ARCHS = ("phi", "llama", "gemma", "qwen2")
 VISION_ARCHS = ("siglip", "clip")

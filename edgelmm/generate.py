@@ -6,8 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .sampling import SamplingParams, sample
-from .spec import ModelSpec
+from edgelmm.sampling import SamplingParams, sample
+from edgelmm.spec import ModelSpec
 
 
 class Backend(Protocol):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from edgelmm.errors import ConfigError
 
 
 @dataclass(slots=True)

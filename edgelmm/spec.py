@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TextConfig, VisionConfig
-from .image import ImageSpec
+from edgelmm.config import TextConfig, VisionConfig
+from edgelmm.processing.image import ImageSpec
 
 IMAGE_PLACEHOLDER = -200  # marks image positions in prompt ids (LLaVA's sentinel, expanded N times)
 

@@ -10,7 +10,7 @@ import signal
 
 
 def _settings(args: argparse.Namespace):
-    from .gptq_settings import QuantSettings
+    from edgelmm.export.gptq_settings import QuantSettings
 
     return QuantSettings(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=args.act_order,
                          method=args.method, damp=args.damp, quantize_vision=args.quantize_vision,
@@ -18,13 +18,13 @@ def _settings(args: argparse.Namespace):
 
 
 def _run_gptq(args: argparse.Namespace) -> None:
-    from .gptq_export import export_gptq
+    from edgelmm.export.gptq_export import export_gptq
 
     export_gptq(args.model, args.out, _settings(args), args.calibration, args.samples, progress=not args.quiet)
 
 
 def _run_onnx(args: argparse.Namespace) -> None:
-    from .onnx_export import export_onnx
+    from edgelmm.export.onnx_export import export_onnx
 
     settings = None if args.bits == 16 else _settings(args)
     export_onnx(args.model, args.out, settings, args.target, args.accuracy_level,

@@ -22,15 +22,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edgelmm.families import detect
-from edgelmm.kv_cache import KVCache
-from edgelmm.loader import WeightFiles, read_json
+from edgelmm.families.detect import detect
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.checkpoint.loader import WeightFiles, read_json
 from edgelmm.models.vlm import VLM
-from edgelmm.tinygptv_config import is_description
+from edgelmm.families.tinygptv import is_description
 
-from .calibration import calibration_samples
-from .gptq_settings import QuantSettings
-from .quantize import GPTQ, QuantResult, rtn_quantize
+from edgelmm.export.calibration import calibration_samples
+from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export.quantize import GPTQ, QuantResult, rtn_quantize
 
 
 def load_dtype(source: Path, settings: QuantSettings | None) -> torch.dtype:

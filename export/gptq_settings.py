@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 from edgelmm import __version__
 from edgelmm.errors import ConfigError
-from edgelmm.gptq_format import SUPPORTED_BITS
+from edgelmm.checkpoint.gptq_format import SUPPORTED_BITS
 
 GROUP_SIZES = (32, 64, 128, -1)
 METHODS = ("gptq", "rtn")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from edgelmm.errors import QuantizationError
-from edgelmm.loader import WeightFiles, map_key, read_json
+from edgelmm.checkpoint.loader import WeightFiles, map_key, read_json
 from edgelmm.spec import ModelSpec
 
 SHARD_BYTES = 1 << 30

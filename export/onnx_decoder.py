@@ -1,5 +1,5 @@
 """The decoder graph, written op by op with onnx.helper (not traced), in onnxruntime-genai's I/O layout
-(edgelmm/onnx_config.py).
+(edgelmm/backends/onnx/config.py).
 
 Per layer: fused q|k|v linear → com.microsoft ``GroupQueryAttention`` over the KV cache (past and present
 may share one buffer) → o linear; the MLP as fused gate|up → activation → down (Llama, Qwen2, Gemma) or
@@ -24,9 +24,9 @@ from onnx import TensorProto
 
 from edgelmm.config import TextConfig
 from edgelmm.models.layers import rotary_table
-from edgelmm.onnx_config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from edgelmm.backends.onnx.config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
-from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 
 
 def fused_rotary(cfg: TextConfig) -> bool:

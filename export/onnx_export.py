@@ -1,6 +1,6 @@
 """``edgelmm export --format onnx``: a checkpoint (or a TinyGPT-V description file) as three ONNX graphs
 (vision, embedding, decoder) in the onnxruntime-genai multimodal layout, plus ``genai_config.json``
-(edgelmm/onnx_config.py), the tokenizer and processor files, and the ``edgelmm.json`` manifest — written to a
+(edgelmm/backends/onnx/config.py), the tokenizer and processor files, and the ``edgelmm.json`` manifest — written to a
 temporary folder, renamed when complete. TinyGPT-V's vision graph is export/onnx_tinygptv.py.
 
 The decoder's linears are quantized by the GPTQ export's own pipeline (export/gptq_model.py: GPTQ on
@@ -25,8 +25,8 @@ from torch import nn
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
 from edgelmm.errors import ConfigError, UnsupportedModelError
-from edgelmm.manifest import write_manifest
-from edgelmm.onnx_config import (
+from edgelmm.checkpoint.manifest import write_manifest
+from edgelmm.backends.onnx.config import (
     CONFIG_NAME,
     DECODER_FILE,
     EMBEDDING_FILE,
@@ -34,19 +34,19 @@ from edgelmm.onnx_config import (
     image_token_ids,
     make_genai_config,
 )
-from edgelmm.staging import check_new, staging
-from edgelmm.tinygptv import Description
-from edgelmm.tinygptv_config import TINYGPTV_FAMILY, is_description
+from edgelmm.checkpoint.staging import check_new, staging
+from edgelmm.backends.torch.tinygptv import Description
+from edgelmm.families.tinygptv import TINYGPTV_FAMILY, is_description
 
-from .gptq_model import load_dtype, quantizable, quantize_model
-from .gptq_settings import QuantSettings
-from .gptq_writer import copy_side_files
-from .onnx_decoder import build_decoder
-from .onnx_graph import save_model
-from .onnx_tinygptv import build_tinygptv_vision
-from .onnx_vision import build_embedding, build_vision
-from .onnx_weights import Int8Channels, Packed, channel_int8, decoder_linears, decoder_norms
-from .quantize import rtn_quantize
+from edgelmm.export.gptq_model import load_dtype, quantizable, quantize_model
+from edgelmm.export.gptq_settings import QuantSettings
+from edgelmm.export.gptq_writer import copy_side_files
+from edgelmm.export.onnx_decoder import build_decoder
+from edgelmm.export.onnx_graph import save_model
+from edgelmm.export.onnx_tinygptv import build_tinygptv_vision
+from edgelmm.export.onnx_vision import build_embedding, build_vision
+from edgelmm.export.onnx_weights import Int8Channels, Packed, channel_int8, decoder_linears, decoder_norms
+from edgelmm.export.quantize import rtn_quantize
 
 TARGETS = {"cpu": "float32", "cuda": "float16"}
 

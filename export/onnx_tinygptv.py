@@ -15,11 +15,11 @@ import onnx
 import torch
 from torch import nn
 
-from edgelmm.tinygptv_config import QFormerConfig
+from edgelmm.families.tinygptv import QFormerConfig
 
-from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from .onnx_vision import batch_shape, layer_norm, to_numpy
-from .onnx_weights import Int8Channels, Packed, fuse, linear_from
+from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from edgelmm.export.onnx_vision import batch_shape, layer_norm, to_numpy
+from edgelmm.export.onnx_weights import Int8Channels, Packed, fuse, linear_from
 
 
 def build_tinygptv_vision(model: nn.Module, packed: list[Packed | Int8Channels], dtype: str = "float32",

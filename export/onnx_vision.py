@@ -18,8 +18,8 @@ from torch import nn
 
 from edgelmm.models.layers import embedding_scale
 
-from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from .onnx_weights import Int8Channels, Packed, fuse, linear_from
+from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from edgelmm.export.onnx_weights import Int8Channels, Packed, fuse, linear_from
 
 
 def to_numpy(t) -> np.ndarray:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from edgelmm.errors import UnsupportedModelError
-from edgelmm.gptq_format import unpack_qzeros
+from edgelmm.checkpoint.gptq_format import unpack_qzeros
 
-from .onnx_graph import ChannelInt8, Linear, NBits
+from edgelmm.export.onnx_graph import ChannelInt8, Linear, NBits
 
 _FALLBACK_BLOCK = 128  # per-channel (group_size -1) scales are replicated over blocks of this size
 

@@ -1,6 +1,6 @@
 """Weight quantizers for GPTQ export: round-to-nearest (RTN) and GPTQ (Frantar et al., 2022).
 
-Both return integer weights, scales, zeros and ``g_idx`` in the layout :mod:`edgelmm.gptq_format` packs:
+Both return integer weights, scales, zeros and ``g_idx`` in the layout :mod:`edgelmm.checkpoint.gptq_format` packs:
 sym results pack as ``"gptq"`` (v1), asym results as ``"gptq_v2"`` (v1 cannot hold a zero of 0).
 Scales are rounded to fp16 before the weights are rounded, so the stored fp16 scales reproduce exactly the
 grid the quantizer used. W is ``[N, K]`` (``nn.Linear`` orientation) throughout.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from edgelmm.errors import ConfigError, QuantizationError
-from edgelmm.gptq_format import (
+from edgelmm.checkpoint.gptq_format import (
     SUPPORTED_BITS,
     default_g_idx,
     dequantize_unpacked,

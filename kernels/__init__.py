@@ -4,6 +4,6 @@ Use :func:`load_ops` once per model to bind the implementations for a device; th
 (``prefill_attention``, ``decode_attention``, ``gptq_matmul``, ``norms``, ``rotary``) are imported lazily.
 """
 
-from .dispatch import KernelOps, load_ops
+from edgelmm.kernels.dispatch import KernelOps, load_ops
 
 __all__ = ["KernelOps", "load_ops"]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
+from edgelmm.kernels._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
 
 BLOCK_H = 16  # query heads per stage-1 program (tl.dot needs >= 16 rows); a GQA group of <= 16 reads KV once
 # (dtype of q, KV_INT8, BLOCK_D) -> (BLOCK_N, num_warps, num_stages) for stage 1. Stage 2 uses

@@ -11,7 +11,7 @@ act-order): the kernel then loads one scale/zero row per K block instead of gath
 
 import torch
 
-from ._common import check, check_tensor, require_triton, tl, triton
+from edgelmm.kernels._common import check, check_tensor, require_triton, tl, triton
 
 # (IS_GEMV, BITS, HAS_G_IDX, dtype of x) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); launched
 # with HAS_BIAS in {False, True}; tests/kernels/test_compile.py compiles each entry. BLOCK_K = 32 divides the

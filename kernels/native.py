@@ -5,8 +5,8 @@ Checked against the references in tests/kernels/test_native.py."""
 import torch
 import torch.nn.functional as F
 
-from .gptq_matmul import dequantize_ref
-from .rotary import rotary_ref
+from edgelmm.kernels.gptq_matmul import dequantize_ref
+from edgelmm.kernels.rotary import rotary_ref
 
 
 def _sdpa_into(out: torch.Tensor, q, k, v, sm_scale: float, mask=None, causal: bool = False) -> torch.Tensor:

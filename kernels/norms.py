@@ -7,7 +7,7 @@ constexprs; Gemma's ``1 + w`` is a runtime weight offset.
 
 import torch
 
-from ._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
+from edgelmm.kernels._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
 
 # (dtype, BLOCK_N) -> num_warps; BLOCK_N is the smallest entry >= the hidden size. Launched with IS_RMS and
 # HAS_RESIDUAL in {False, True}; tests/kernels/test_compile.py compiles each combination.

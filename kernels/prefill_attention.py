@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
+from edgelmm.kernels._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
 
 # (dtype, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). The wrapper launches exactly these
 # (for CAUSAL in {False, True}); tests/kernels/test_compile.py compiles every one for every target.

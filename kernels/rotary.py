@@ -9,7 +9,7 @@ tables already gathered at the token positions (both halves equal). Works in pla
 
 import torch
 
-from ._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
+from edgelmm.kernels._common import check, check_tensor, next_power_of_2, require_triton, tl, triton
 
 # (dtype, BLOCK_D) -> (BLOCK_S, num_warps); tests/kernels/test_compile.py compiles each entry.
 LAUNCH_CONFIGS = {

@@ -28,7 +28,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(family, layout="old", llm="phi") -> path of a tiny random checkpoint, made once."""
-    from edgelmm.tiny import make_tiny
+    from edgelmm.synthetic.replicas import make_tiny
 
     made = {}
     root = tmp_path_factory.mktemp("tiny")

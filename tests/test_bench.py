@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelmm import bench
+from edgelmm.bench.command import command as bench
 from edgelmm.errors import ConfigError
 
 STAT_FIELDS = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s", "decode_tok_per_s", "prefill_tok_per_s")
@@ -84,7 +84,7 @@ def test_report_fields_types_and_units(report):
     assert by_name["edgelmm-gptq4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-gptq4"]["weights"]
     assert by_name["transformers"]["status"] == "ok"
     assert by_name["edgelmm-onnx4"]["status"] == "ok" and "4-bit" in by_name["edgelmm-onnx4"]["weights"]
-    from edgelmm import ort_ops
+    from edgelmm.backends.onnx import ops as ort_ops
     assert ("edgelmm ops" in by_name["edgelmm-onnx4"]["weights"]) == (ort_ops.unavailable_reason() is None)
     assert by_name["transformers"]["scope"] == "language-model-only"  # Factory TinyLLaVA: HF has no class for it
     for name, system in by_name.items():  # torch (~0.3 GB of RSS) only in the processes that run on it
@@ -110,7 +110,7 @@ def test_chart_is_written(report):
 
 
 def test_missing_matplotlib_is_said(monkeypatch, tmp_path):
-    from edgelmm import bench_report
+    from edgelmm.bench.command import report as bench_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as when not installed
     note = bench_report.plot({"systems": []}, tmp_path / "x.png")
@@ -136,7 +136,7 @@ def test_unavailable_peers_and_exporters_are_skipped(monkeypatch, tmp_path, caps
 
 def test_prompt_has_exactly_the_requested_tokens(tiny_checkpoint):
     from edgelmm.api import EdgeLMM
-    from edgelmm.bench_run import bench_prompt, image_ids, text_only
+    from edgelmm.bench.worker import bench_prompt, image_ids, text_only
 
     lm = EdgeLMM.load(tiny_checkpoint("llava-gemma"))
     marks = image_ids(lm.spec)

@@ -19,8 +19,8 @@ from edgelmm import EdgeLMM
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_model import load_dtype
 from edgelmm.export.gptq_settings import QuantSettings
-from edgelmm.kv_cache import KVCache
-from edgelmm.tiny import FAMILIES
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.synthetic.replicas import FAMILIES
 
 PROMPTS = ["What is in the picture?", "Describe the image.", "What colour is it?"]
 NEAR_TIE = 0.2  # fp32 top-1 margins below this fraction of the logit std are decided by rounding noise

@@ -6,7 +6,7 @@ from reference import sample_image
 from edgelmm import EdgeLMM
 from edgelmm.errors import ConfigError
 from edgelmm.generate import StopStringFilter
-from edgelmm.kv_cache import KVCache
+from edgelmm.models.kv_cache import KVCache
 
 QUESTION = "Describe the picture."
 

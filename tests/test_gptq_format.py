@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError
-from edgelmm.gptq_format import (
+from edgelmm.checkpoint.gptq_format import (
     QuantLinear,
     dequantize,
     pack_qweight,

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgelmm.errors import ConfigError
 from edgelmm.export.quantize import GPTQ, QuantizationError, rtn_quantize
-from edgelmm.gptq_format import QuantLinear, dequantize
+from edgelmm.checkpoint.gptq_format import QuantLinear, dequantize
 
 
 def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:

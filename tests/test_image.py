@@ -1,4 +1,4 @@
-"""edgelmm.image against transformers' PIL-backend SigLIP/CLIP processors, LLaVA's expand2square as
+"""edgelmm.processing.image against transformers' PIL-backend SigLIP/CLIP processors, LLaVA's expand2square as
 model-formats.md §0.5 states it, and every bad input load_image must turn into a typed error."""
 
 import contextlib
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from edgelmm.errors import ConfigError, ImageError, ImageTooLargeError
-from edgelmm.image import DEFAULT_MAX_PIXELS, ImageSpec, load_image, preprocess
+from edgelmm.processing.image import DEFAULT_MAX_PIXELS, ImageSpec, load_image, preprocess
 
 ATOL = 1e-5
 SIZES = [(1, 1), (7, 300), (333, 17), (640, 481), (481, 640)]  # (height, width)
@@ -444,7 +444,7 @@ def test_module_imports_and_runs_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "import numpy as np\n"
-        "from edgelmm.image import ImageSpec, load_image, preprocess\n"
+        "from edgelmm.processing.image import ImageSpec, load_image, preprocess\n"
         "out = preprocess(load_image(np.zeros((5, 9, 3), np.uint8)), ImageSpec.clip())\n"
         "assert out.shape == (3, 336, 336)\n"
     )

@@ -5,7 +5,9 @@ import shutil
 
 import pytest
 
-from edgelmm import EdgeLMM, manifest
+from edgelmm import EdgeLMM
+
+from edgelmm.checkpoint import manifest
 from edgelmm.errors import ChecksumError
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings

@@ -16,7 +16,7 @@ import torch
 from reference import sample_image
 
 from edgelmm import EdgeLMM
-from edgelmm.backend_onnx import OnnxBackend
+from edgelmm.backends.onnx.backend import OnnxBackend
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
 from edgelmm.errors import ConfigError
@@ -25,13 +25,13 @@ from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
 from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
-from edgelmm.kv_cache import KVCache
-from edgelmm.manifest import read_manifest
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.checkpoint.manifest import read_manifest
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
-from edgelmm.onnx_config import CONFIG_NAME
-from edgelmm.plan import plan_onnx_export
-from edgelmm.shapes import TINY
+from edgelmm.backends.onnx.config import CONFIG_NAME
+from edgelmm.plan.memory import plan_onnx_export
+from edgelmm.synthetic.shapes import TINY
 
 CASES = ([(f, "old", "phi") for f in ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")]
          + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")] + [("tinygpt-v", "old", "phi")])
@@ -323,7 +323,7 @@ def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path, family):
         model = EdgeLMM.load({str(out)!r})
         result = model.generate(image, "What is in the picture?", max_new_tokens=4)
         assert type(model.backend).__name__ == "OnnxBackend"
-        from edgelmm.plan import plan_for, PlanSettings
+        from edgelmm.plan.memory import plan_for, PlanSettings
         assert plan_for({str(out)!r}, PlanSettings()).parts["decoder graph"] > 0  # planning is torch-free too
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         print("tokens", len(result.token_ids))
@@ -380,7 +380,7 @@ def _resident_kb(path: Path) -> int:
 def test_mapped_pages_release_keeps_the_data(tmp_path):
     """MappedPages.release drops a private file mapping's pages from the resident set (as the embedding table's
     after each lookup), and reading them again gives the same values."""
-    from edgelmm.backend_onnx import MappedPages
+    from edgelmm.backends.onnx.backend import MappedPages
 
     path = (tmp_path / "table.data").resolve()
     values = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)  # 4 MB

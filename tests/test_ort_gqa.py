@@ -1,4 +1,4 @@
-"""edgelmm's GroupQueryAttention ops (edgelmm/ort_ops/gqa_*.c; fp32 cache, the fp16 cache the runtime uses,
+"""edgelmm's GroupQueryAttention ops (edgelmm/backends/onnx/ops/gqa_*.c; fp32 cache, the fp16 cache the runtime uses,
 and the int8 cache) against onnxruntime's own com.microsoft GroupQueryAttention (fp32) on the same inputs:
 packed and separate q/k/v, fused partial rotary, grouped heads, a prompt, a chunk after a past, single-token
 steps, and the shared past/present buffer the runtime binds."""
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edgelmm import ort_ops
+from edgelmm.backends.onnx import ops as ort_ops
 
 needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
                                reason=f"edgelmm's CPU ops are unavailable here: {ort_ops.unavailable_reason()}")

@@ -5,7 +5,7 @@ import torch
 from reference import reference_for, sample_image
 
 from edgelmm import EdgeLMM
-from edgelmm.tiny import FAMILIES
+from edgelmm.synthetic.replicas import FAMILIES
 
 # (family, HF key layout, Factory LLM) covering every on-disk layout make-tiny writes
 CASES = ([(f, "old", "phi") for f in FAMILIES] + [("llava-gemma", "new", "phi"), ("tiny-llava-hf", "new", "phi")]

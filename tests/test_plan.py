@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from edgelmm import EdgeLMM
-from edgelmm.bench_machine import resident_bytes
+from edgelmm.bench.machine import resident_bytes
 from edgelmm.errors import ConfigError, MemoryBudgetError
-from edgelmm.plan import PlanSettings, parse_size, plan_for, quantized_linear_bytes
-from edgelmm.tiny import FAMILIES
+from edgelmm.plan.memory import PlanSettings, parse_size, plan_for, quantized_linear_bytes
+from edgelmm.synthetic.replicas import FAMILIES
 
 
 def allocated_bytes(model: EdgeLMM, features: torch.Tensor) -> int:
@@ -135,10 +135,10 @@ def test_plan_cli_json():
 def test_plan_matches_measured_memory_for_a_full_size_shape():
     """Materialize the full-size TinyLLaVA-3.1B shape in fp16 (weights and a 2048-token cache, every page
     touched) and compare the resident-memory growth with the plan."""
-    from edgelmm.backend_torch import new_cache
-    from edgelmm.families import detect
+    from edgelmm.backends.torch.backend import new_cache
+    from edgelmm.families.detect import detect
     from edgelmm.models.vlm import VLM
-    from edgelmm.shapes import shape_config
+    from edgelmm.synthetic.shapes import shape_config
 
     spec = detect(shape_config("tinyllava-phi2-siglip-3.1b"), __import__("pathlib").Path("."), [])
     before = resident_bytes()

@@ -17,11 +17,11 @@ from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError, Uns
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_export import export_onnx
-from edgelmm.image import load_image, preprocess
-from edgelmm.kv_cache import KVCache
+from edgelmm.processing.image import load_image, preprocess
+from edgelmm.models.kv_cache import KVCache
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
-from edgelmm.tinygptv_tiny import make_tiny_tinygptv
+from edgelmm.synthetic.tinygptv import make_tiny_tinygptv
 
 QUESTION = "What is in the picture?"
 STEPS = 12

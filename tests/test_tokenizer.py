@@ -1,4 +1,4 @@
-"""edgelmm.tokenizer against transformers' AutoTokenizer, on the tiny tokenizers of every family."""
+"""edgelmm.processing.tokenizer against transformers' AutoTokenizer, on the tiny tokenizers of every family."""
 
 import json
 import shutil
@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from edgelmm.errors import CheckpointError, ConfigError
-from edgelmm.tiny_tokenizers import STYLES, write_tiny_tokenizer
-from edgelmm.tokenizer import Tokenizer
+from edgelmm.synthetic.tokenizers import STYLES, write_tiny_tokenizer
+from edgelmm.processing.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -253,7 +253,7 @@ def test_tiny_tokenizer_options(tmp_path):
 
 def test_import_pulls_in_neither_torch_nor_transformers():
     code = (
-        "import sys, edgelmm.tokenizer, edgelmm.tiny_tokenizers; "
+        "import sys, edgelmm.processing.tokenizer, edgelmm.synthetic.tokenizers; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..tinygptv_config import EvaConfig
+from edgelmm.errors import ConfigError
+from edgelmm.families.tinygptv import EvaConfig
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from edgelmm.errors import ConfigError
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

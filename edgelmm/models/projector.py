@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import activation
+from edgelmm.models.layers import activation
 
 
 class Projector(nn.Module):

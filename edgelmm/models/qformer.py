@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tinygptv_config import QFormerConfig
-from .layers import activation
+from edgelmm.families.tinygptv import QFormerConfig
+from edgelmm.models.layers import activation
 
 
 class Heads(nn.Module):

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from ..config import TextConfig
-from ..kv_cache import KVCache
-from .layers import LayerNorm, RMSNorm, UsesKernels, activation, embedding_scale, rotary_table
+from edgelmm.config import TextConfig
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.models.layers import LayerNorm, RMSNorm, UsesKernels, activation, embedding_scale, rotary_table
 
 
 class Attention(UsesKernels):

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
-from ..errors import ConfigError
-from ..tinygptv_config import VisualConfig
-from .eva import EvaViT
-from .qformer import QFormer
-from .text import TextModel
-from .vlm import IMAGE_PLACEHOLDER
+from edgelmm.config import TextConfig
+from edgelmm.errors import ConfigError
+from edgelmm.families.tinygptv import VisualConfig
+from edgelmm.models.eva import EvaViT
+from edgelmm.models.qformer import QFormer
+from edgelmm.models.text import TextModel
+from edgelmm.models.vlm import IMAGE_PLACEHOLDER
 
 
 class TinyGPTV(nn.Module):

@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from ..config import VisionConfig
-from .layers import LayerNorm, UsesKernels, activation
+from edgelmm.config import VisionConfig
+from edgelmm.models.layers import LayerNorm, UsesKernels, activation
 
 
 class Embeddings(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..spec import IMAGE_PLACEHOLDER, ModelSpec
-from .projector import Projector
-from .text import TextModel
-from .vision import VisionTower
+from edgelmm.errors import ConfigError
+from edgelmm.spec import IMAGE_PLACEHOLDER, ModelSpec
+from edgelmm.models.projector import Projector
+from edgelmm.models.text import TextModel
+from edgelmm.models.vision import VisionTower
 
 
 class VLM(nn.Module):

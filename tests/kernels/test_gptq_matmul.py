@@ -115,9 +115,9 @@ def test_gptq_rejects_bad_arguments():
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("m", [1, 9])
 def test_gptq_reads_what_the_project_writer_packs(checkpoint_format, m):
-    """Tensors packed by edgelmm.gptq_format (the exporter's writer), vs its dequantize. K = 4304 (SigLIP's
+    """Tensors packed by edgelmm.checkpoint.gptq_format (the exporter's writer), vs its dequantize. K = 4304 (SigLIP's
     MLP width) is not a multiple of 128: G = ceil(K / 128) = 34 and the last group is partial."""
-    gptq_format = pytest.importorskip("edgelmm.gptq_format")
+    gptq_format = pytest.importorskip("edgelmm.checkpoint.gptq_format")
     k, n, bits, group = 4304, 64, 4, 128
     num_groups = -(-k // group)
     intweight = torch.randint(0, 16, (k, n))

@@ -56,7 +56,7 @@ def test_norms_with_residual(dtype, gemma):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (8, 128, True), (4, -1, False)])
 def test_gptq_matmul_against_the_reference(bits, group_size, act_order, dtype):
-    from edgelmm.gptq_format import pack_qweight, pack_qzeros
+    from edgelmm.checkpoint.gptq_format import pack_qweight, pack_qzeros
     from edgelmm.kernels.gptq_matmul import gptq_matmul_ref
 
     g = torch.Generator().manual_seed(3)

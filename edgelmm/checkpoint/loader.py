@@ -1,0 +1,138 @@
+"""Checkpoint reading: config.json, the shard index (never a glob), lazy per-tensor reads, key renames,
+shape checks and dtype casts into a model built on the meta device."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgelmm.errors import CheckpointError, ShapeMismatchError
+from edgelmm.checkpoint.safetensors_file import SafetensorsFile
+from edgelmm.spec import KeyRules
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file, turning a missing or malformed file into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; point edgelmm at an unmodified checkpoint folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged, download it again") from None
+
+
+class WeightFiles:
+    """The weight files a folder declares: ``model.safetensors.index.json``'s weight map when present,
+    else ``model.safetensors``, else ``pytorch_model.bin``. Other files in the folder are never read
+    (Intel/llava-gemma-2b keeps a stale second shard set beside the real one)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._open: dict[Path, object] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map; the file is damaged, download it again")
+            self.file_of = {k: folder / v for k, v in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            self.file_of = self._all_keys(folder / "model.safetensors")
+        elif (folder / "pytorch_model.bin").is_file():
+            self.file_of = self._all_keys(folder / "pytorch_model.bin")
+        else:
+            raise CheckpointError(f"no model.safetensors(.index.json) or pytorch_model.bin in {folder}")
+        for shard in sorted(set(self.file_of.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"shard {shard.name} listed in the index is missing from {folder}; "
+                                      "download it again")
+
+    def _all_keys(self, path: Path) -> dict[str, Path]:
+        return {k: path for k in self._handle(path).keys()}
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if path.suffix != ".bin":
+                self._open[path] = SafetensorsFile(path)
+            else:
+                try:
+                    self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except (RuntimeError, OSError, EOFError, ValueError) as e:
+                    raise CheckpointError(f"{path} is truncated or corrupt ({e}); download it again") from None
+        return self._open[path]
+
+    def keys(self):
+        return self.file_of.keys()
+
+    def release(self, path: Path) -> None:
+        """Close ``path``; it is reopened if read again."""
+        handle = self._open.pop(path, None)
+        if isinstance(handle, SafetensorsFile):
+            handle.close()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle = self._handle(self.file_of[key])
+        return tuple(handle[key].shape) if isinstance(handle, dict) else handle.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        handle = self._handle(self.file_of[key])
+        return handle[key].dtype if isinstance(handle, dict) else handle.dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        handle = self._handle(self.file_of[key])
+        try:
+            return handle[key] if isinstance(handle, dict) else handle.get(key)
+        except KeyError:
+            raise CheckpointError(f"{key} is listed for {self.file_of[key].name} but not in it; "
+                                  "download it again") from None
+
+
+def map_key(key: str, rules: KeyRules) -> str | None:
+    """Rename a checkpoint key by the longest matching prefix rule; None when no rule matches."""
+    best = max((r for r in rules if key.startswith(r[0])), key=lambda r: len(r[0]), default=None)
+    return None if best is None else best[1] + key[len(best[0]):]
+
+
+def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dtype: torch.dtype,
+              device: torch.device) -> None:
+    """Assign every parameter and persistent buffer still on the meta device (e.g. a QuantLinear's packed
+    buffers) from the checkpoint(s); floating-point tensors are cast to ``dtype``, integer ones kept.
+    Checkpoint tensors the model does not use (unused vision layers, pooling heads) are never read.
+    Raises ShapeMismatchError on a wrong shape and CheckpointError on a missing tensor."""
+    params = {name: t for name, t in model.state_dict(keep_vars=True).items() if t.is_meta}
+    loaded: set[str] = set()
+    for files, rules in sources:
+        previous = None
+        for key in sorted(files.keys(), key=lambda k: str(files.file_of[k])):  # one shard at a time
+            if previous is not None and files.file_of[key] != previous:
+                files.release(previous)  # unmap a finished shard: its pages no longer count towards RSS
+            previous = files.file_of[key]
+            name = map_key(key, rules)
+            if name not in params or name in loaded:
+                continue
+            want = tuple(params[name].shape)
+            if files.shape(key) != want:
+                raise ShapeMismatchError(
+                    f"{key} in {files.file_of[key].name} has shape {files.shape(key)}, but config.json implies "
+                    f"{want}; the config and the weights belong to different models")
+            tensor = files.get(key)
+            _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+            loaded.add(name)
+        if previous is not None:
+            files.release(previous)
+    text = getattr(model, "text", model)
+    if "text.lm_head.weight" not in loaded and text.cfg.tie_word_embeddings:
+        text.lm_head.weight = text.embed_tokens.weight
+        loaded.add("text.lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
+                              "a shard may be missing or the folder belongs to another model")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    is_param = isinstance(getattr(module, attr), nn.Parameter)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False) if is_param else tensor)

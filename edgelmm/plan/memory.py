@@ -1,0 +1,286 @@
+"""Memory planner: the bytes each part of a model needs at a given quantization, KV-cache precision and
+context, and whether that fits a memory budget. Parameter shapes come from the model built on the meta
+device (no memory used), so the plan covers every family the runtime loads."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from edgelmm.errors import ConfigError, MemoryBudgetError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | float) -> int:
+    """'8GB', '7.5 GiB', '512MB' or a byte count → bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read the memory size {text!r}; write e.g. 8GB, 7.5GiB or 512MB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    """What the plan assumes: weight bits for the LLM's linears (16 = unquantized), GPTQ group size, KV bits
+    (16 or 8, int8 with one fp16 scale per token and head), context length, bytes per unquantized value,
+    and which optional parts are quantized too."""
+
+    bits: int = 16
+    group_size: int = 128
+    kv_bits: int = 16
+    context: int = 2048
+    dtype_bytes: int = 2
+    quantize_vision: bool = False
+    quantize_lm_head: bool = False
+    overhead: int = 0  # runtime context (e.g. the CUDA context), given by the caller
+
+    def __post_init__(self):
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"bits must be 4, 8 or 16, got {self.bits}")
+        if self.kv_bits not in (8, 16, 32):
+            raise ConfigError(f"KV cache bits must be 8, 16 or 32, got {self.kv_bits}")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per part; ``fits`` compares the total with ``budget`` (None: no budget)."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    budget: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def table(self) -> str:
+        rows = [f"  {name:<22}{_gb(n):>10}  {self.notes.get(name, '')}" for name, n in self.parts.items()]
+        rows.append(f"  {'total':<22}{_gb(self.total):>10}")
+        if self.budget is not None:
+            verdict = "fits" if self.fits else f"does NOT fit ({_gb(self.total - self.budget)} over)"
+            rows.append(f"  {'budget':<22}{_gb(self.budget):>10}  {verdict}")
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {"parts": self.parts, "total": self.total, "budget": self.budget, "fits": self.fits}
+
+
+def require_fit(plan: MemoryPlan, advice: str) -> None:
+    """Raise MemoryBudgetError, with the plan's table and ``advice``, when ``plan`` exceeds its budget."""
+    if not plan.fits:
+        raise MemoryBudgetError(f"this model needs about {plan.total / 1e9:.2f} GB but max_memory is "
+                                f"{plan.budget / 1e9:.2f} GB:\n{plan.table()}\n{advice}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """GPTQ storage of one linear (quant-formats.md §1.1): qweight, qzeros, fp16 scales, int32 g_idx."""
+    groups = math.ceil(in_features / (in_features if group_size == -1 else group_size))
+    return (in_features * out_features * bits // 8 + groups * out_features * bits // 8
+            + groups * out_features * 2 + in_features * 4)
+
+
+def _part(name: str) -> str:
+    if name.startswith("text.embed_tokens"):
+        return "embeddings"
+    if name.startswith("text.lm_head"):
+        return "lm_head"
+    if name.startswith("text."):
+        return "llm weights"
+    if name.startswith(("projector.", "llama_proj")):
+        return "connector"
+    return "vision tower"
+
+
+@dataclass(frozen=True, slots=True)
+class VisionSize:
+    """The vision encoder's sequence length and widths, for its activation workspace."""
+
+    tokens: int
+    hidden: int
+    intermediate: int
+
+
+def plan_memory(model, image_tokens: int, vision: VisionSize, settings: PlanSettings,
+                budget: int | None = None) -> MemoryPlan:
+    """Plan the memory of ``model`` (a VLM or TinyGPT-V, ideally built on the meta device)."""
+    s, text = settings, model.text.cfg
+    plan = MemoryPlan(parts=dict.fromkeys(("vision tower", "connector", "llm weights", "embeddings",
+                                           "lm_head"), 0), budget=budget)
+    quantized = {"llm weights": s.bits < 16, "vision tower": s.bits < 16 and s.quantize_vision,
+                 "lm_head": s.bits < 16 and s.quantize_lm_head, "connector": False, "embeddings": False}
+    for name, p in model.named_parameters():
+        part = _part(name)
+        if part == "lm_head" and text.tie_word_embeddings:
+            continue  # shares the embedding matrix
+        if quantized[part] and p.ndim == 2 and name.endswith("weight") and "embed" not in name:
+            plan.parts[part] += quantized_linear_bytes(p.shape[0], p.shape[1], s.bits, s.group_size)
+        else:
+            plan.parts[part] += p.numel() * s.dtype_bytes
+    kv_values = 2 * text.num_layers * text.num_kv_heads * s.context * text.head_dim
+    kv_scales = 2 * text.num_layers * text.num_kv_heads * s.context * 2 if s.kv_bits == 8 else 0
+    plan.parts["kv cache"] = kv_values * s.kv_bits // 8 + kv_scales
+    plan.parts["rotary tables"] = 2 * text.max_position_embeddings * text.rotary_dim * 4  # fp32 cos and sin
+    plan.parts["image features"] = image_tokens * text.hidden_size * s.dtype_bytes
+    plan.parts["activations"] = _workspace(text, _prompt_tokens(image_tokens, s), vision, s.dtype_bytes)
+    if s.overhead:
+        plan.parts["runtime overhead"] = s.overhead
+    plan.notes.update({
+        "llm weights": f"{s.bits}-bit g{s.group_size}" if s.bits < 16 else f"{8 * s.dtype_bytes}-bit",
+        "vision tower": f"{s.bits}-bit" if quantized["vision tower"] else f"{8 * s.dtype_bytes}-bit",
+        "lm_head": "tied to embeddings" if text.tie_word_embeddings else "",
+        "kv cache": f"{'int8 + fp16 scales' if s.kv_bits == 8 else f'{s.kv_bits}-bit'}, {s.context} tokens",
+        "image features": f"{image_tokens} tokens",
+        "activations": "peak transient of vision / prefill (flash attention: no T x T scores)"})
+    return plan
+
+
+def _prompt_tokens(image_tokens: int, s: PlanSettings) -> int:
+    """The prompt the plan assumes: an image plus a typical question (128 tokens)."""
+    return min(s.context, image_tokens + 128)
+
+
+def _workspace(text, tokens: int, vision: VisionSize, dtype_bytes: int) -> int:
+    """Peak transient bytes: the larger of the vision encoder's and a ``tokens``-long prefill's live activations
+    (residual stream, normed input and block output, plus the widest intermediate)."""
+    gated = 2 if text.arch != "phi" else 1
+    qkv = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
+    prefill = tokens * (3 * text.hidden_size + max(gated * text.intermediate_size, qkv + text.hidden_size))
+    encoder = vision.tokens * (3 * vision.hidden + max(vision.intermediate, 4 * vision.hidden))
+    return max(prefill, encoder) * dtype_bytes + text.vocab_size * 4  # + fp32 logits of the last position
+
+
+def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> MemoryPlan:
+    """Plan a checkpoint folder (unquantized or a GPTQ export: its bits and group size are used), an ONNX
+    export (:func:`plan_onnx_export`), a TinyGPT-V description file, or a named full-size shape
+    (``edgelmm.synthetic.shapes.SHAPES``, ``tinygpt-v``, or a released model's hub name such as ``Mipha-3B`` when no
+    such folder exists)."""
+    from edgelmm.backends.onnx.config import is_onnx_export
+    from edgelmm.families.tinygptv import is_description
+
+    folder = Path(source).expanduser()
+    if is_onnx_export(folder):  # torch-free, like the backend that runs it
+        return plan_onnx_export(folder, settings.context, budget, settings.overhead)
+    import json
+
+    import torch
+
+    from edgelmm.families.detect import detect
+    from edgelmm.models.vlm import VLM
+    from edgelmm.synthetic.shapes import SHAPE_ALIASES, shape_config
+
+    if is_description(folder):
+        return _plan_tinygptv(settings, budget, folder)
+    shape = None if folder.is_dir() else SHAPE_ALIASES.get(source.rstrip("/").split("/")[-1].lower())
+    if shape == "tinygpt-v":
+        return _plan_tinygptv(settings, budget)
+    if shape:
+        cfg = shape_config(shape)
+    elif (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+        quant = cfg.get("quantization_config") or {}
+        if quant.get("quant_method") == "gptq":
+            settings = replace(settings, bits=quant["bits"], group_size=quant["group_size"])
+    else:
+        raise ConfigError(f"{source!r} is neither a checkpoint folder nor a known shape "
+                          f"({', '.join(sorted(set(SHAPE_ALIASES.values())))})")
+    spec = detect(cfg, folder, [])
+    with torch.device("meta"):
+        model = VLM(spec)
+    return plan_memory(model, spec.vision.num_image_tokens, vision_size(spec.vision), settings, budget)
+
+
+def vision_size(vision) -> VisionSize:
+    """The vision encoder's token count and widths from a spec's ``vision`` config (TinyGPT-V: its EVA's)."""
+    from edgelmm.families.tinygptv import VisualConfig
+
+    if isinstance(vision, VisualConfig):
+        return VisionSize(vision.eva.num_tokens, vision.eva.width, vision.eva.mlp_dim)
+    return VisionSize(vision.num_positions, vision.hidden_size, vision.intermediate_size)
+
+
+def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path | None = None) -> MemoryPlan:
+    """TinyGPT-V: EVA ViT-g/14 + Q-Former + the modified Phi-2 (model-formats.md §3), from a description file's
+    configs (its stage's image size, Phi-2's and BERT's config.json), else the released stage-4 sizes."""
+    import torch
+
+    from edgelmm.config import TextConfig
+    from edgelmm.models.tinygptv import TinyGPTV
+    from edgelmm.synthetic.shapes import FULL
+    from edgelmm.backends.torch.tinygptv import Description, bert_config, projection_dim, text_config
+    from edgelmm.families.tinygptv import EvaConfig, QFormerConfig, VisualConfig
+
+    if settings.quantize_vision:
+        raise ConfigError("TinyGPT-V's EVA + Q-Former are not GPTQ-quantized (--quantize-vision); its 4-bit ONNX "
+                          "export runs EVA in int8: plan that export folder instead")
+    if description is not None:
+        desc = Description.read(description)
+        text, eva = text_config(desc), desc.eva
+        qformer = QFormerConfig.from_bert(bert_config(desc.pieces["qformer_config"]), eva.width, 32)
+        visual = VisualConfig(eva, qformer, projection_dim(desc))
+    else:
+        text = TextConfig.from_hf(FULL["phi"], "phi")
+        text.qk_layernorm = text.post_attention_rmsnorm = True
+        eva = EvaConfig(image_size=448)
+        visual = VisualConfig(eva, QFormerConfig())
+    with torch.device("meta"):
+        model = TinyGPTV(visual, text)
+    return plan_memory(model, visual.num_image_tokens, vision_size(visual), settings, budget)
+
+
+def plan_onnx_export(folder: Path, context: int | None = None, budget: int | None = None,
+                     overhead: int = 0) -> MemoryPlan:
+    """Plan an ``edgelmm export --format onnx`` folder, torch-free: each graph's weights as written (onnxruntime
+    repacks ``MatMulNBits`` weights into about their size and drops the file's copy; edgelmm's CPU ops read
+    them as written), the KV cache for ``context`` positions (default: the export's context) in the export's
+    I/O dtype, or as ``EDGELMM_ONNX_KV`` says on edgelmm's CPU attention op, image features and activations."""
+    from edgelmm.backends.onnx import ops as ort_ops
+    from edgelmm.backends.onnx.config import OnnxConfig, external_data_path, prefill_chunk
+
+    cfg = OnnxConfig.read(folder)
+    spec, text = cfg.spec, cfg.spec.text
+    io_bytes = 4 if cfg.io_dtype == "float32" else 2
+    cpu_ops = ort_ops.applies(cfg.target, cfg.io_dtype)
+    cache = ort_ops.kv_cache() if cpu_ops else cfg.io_dtype
+    context = min(context or cfg.context_length, cfg.context_length)
+    plan = MemoryPlan(budget=budget)
+    graphs = (("vision graph", cfg.vision), ("embedding graph", cfg.embedding), ("decoder graph", cfg.decoder))
+    for part, graph in graphs:
+        plan.parts[part] = sum(f.stat().st_size for f in (graph, external_data_path(graph)) if f.is_file())
+    plan.parts["kv cache"] = 2 * text.num_layers * text.num_kv_heads * context * ort_ops.cache_row_bytes(
+        text.head_dim, cache)
+    image_tokens = spec.vision.num_image_tokens
+    plan.parts["image features"] = image_tokens * text.hidden_size * io_bytes
+    settings = PlanSettings(context=context, dtype_bytes=io_bytes)
+    prompt = _prompt_tokens(image_tokens, settings)
+    chunk = min(prompt, prefill_chunk() or prompt)  # the prompt tokens one decoder run holds activations for
+    # + onnxruntime's GroupQueryAttention probabilities on CPU: every head's prompt rows against the whole
+    # shared KV buffer (edgelmm's op keeps none); x2: onnxruntime's CPU arena grows in powers of two and keeps
+    # what it reserved
+    scores = 0 if cpu_ops else text.num_heads * chunk * context * io_bytes
+    plan.parts["activations"] = 2 * (_workspace(text, chunk, vision_size(spec.vision), io_bytes) + scores)
+    if overhead:
+        plan.parts["runtime overhead"] = overhead
+    q = cfg.quantization
+    plan.notes.update({
+        "decoder graph": f"{q['bits']}-bit block {q['block_size']}" if q.get("bits", 16) < 16 else cfg.io_dtype,
+        "vision graph": "int8 per channel" if q.get("vision_bits") == 8 else "",
+        "kv cache": f"{cache + (' + a scale per row' if cache == 'int8' else '')}, {context} tokens",
+        "image features": f"{image_tokens} tokens",
+        "activations": f"prefill of {prompt} tokens" + (f" in chunks of {chunk}" if chunk < prompt else "")
+                       + ", x2 for the arena" + (
+            f", incl. attention scores (+{2 * scores / max(chunk, 1) / 1e6:.2f} MB per longer prompt token)"
+            if scores else " (edgelmm's attention keeps no score matrix)")})
+    return plan
