@@ -18,7 +18,7 @@ import tokenizers  # noqa: F401
 
 from edgelmm import EdgeLMM
 from edgelmm.bench.machine import resident_bytes
-from edgelmm.plan.memory import plan_onnx_export
+from edgelmm.plan.sources import plan_onnx_export
 
 
 def peak_resident_bytes() -> int:

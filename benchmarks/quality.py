@@ -24,7 +24,6 @@ from edgelmm.export.calibration import synthetic_image
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.models.kv_cache import KVCache
-from edgelmm.backends.onnx.config import image_token_ids
 from edgelmm.synthetic.replicas import make_tiny
 
 CONFIGS = [("rtn", 32), ("gptq", 32), ("rtn", 128), ("gptq", 128)]
@@ -41,7 +40,7 @@ def text_logits(lm: EdgeLMM, image, prompt: str) -> torch.Tensor:
     with torch.inference_mode():
         embeds = model.splice(torch.tensor([ids]), lm.backend.encode_image(lm.pixels(image)))  # (1, T, D)
         logits = model.text(embeds, KVCache(t.num_layers, t.num_kv_heads, t.head_dim, len(ids)), 0, False)[0]
-    marks = set(image_token_ids(lm.spec))
+    marks = set(lm.spec.image_ids)
     first = 1 + max(i for i, tok in enumerate(ids) if tok in marks)  # first text position after the image
     return F.log_softmax(logits[first:].float(), dim=-1)  # (P, V)
 

@@ -7,16 +7,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgelmm.backends.onnx.config import is_onnx_export
+from edgelmm.checkpoint.manifest import verify_manifest
 from edgelmm.errors import CheckpointError, PromptTooLongError
+from edgelmm.families.tinygptv import is_description
 from edgelmm.generate import Backend, StopStringFilter, generate_ids
 from edgelmm.processing.image import load_image, preprocess
-from edgelmm.checkpoint.manifest import verify_manifest
-from edgelmm.backends.onnx.config import is_onnx_export
+from edgelmm.processing.templates import IMAGE_TAG, TEMPLATES, Template
+from edgelmm.processing.tokenizer import Tokenizer
 from edgelmm.sampling import SamplingParams
 from edgelmm.spec import IMAGE_PLACEHOLDER
-from edgelmm.processing.templates import IMAGE_TAG, TEMPLATES, Template
-from edgelmm.families.tinygptv import is_description
-from edgelmm.processing.tokenizer import Tokenizer
 
 
 @dataclass
@@ -63,7 +63,8 @@ class EdgeLMM:
         verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
         if is_onnx_export(folder):  # an ONNX export runs on onnxruntime, without torch
             from edgelmm.backends.onnx.backend import OnnxBackend
-            from edgelmm.plan.memory import parse_size, plan_onnx_export, require_fit
+            from edgelmm.plan.memory import parse_size, require_fit
+            from edgelmm.plan.sources import plan_onnx_export
 
             if max_memory is not None:
                 require_fit(plan_onnx_export(folder, context_length, parse_size(max_memory)),

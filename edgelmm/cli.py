@@ -68,7 +68,8 @@ def cmd_plan(args) -> None:
     import json
 
     from edgelmm.backends.onnx.config import is_onnx_export
-    from edgelmm.plan.memory import PlanSettings, parse_size, plan_for
+    from edgelmm.plan.memory import PlanSettings, parse_size
+    from edgelmm.plan.sources import plan_for
 
     settings = PlanSettings(bits=args.bits, group_size=args.group_size, kv_bits=8 if args.kv == "int8" else 16,
                             context=args.context, quantize_vision=args.quantize_vision,

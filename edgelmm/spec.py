@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgelmm.config import TextConfig, VisionConfig
+from edgelmm.config import EvaQFormerConfig, TextConfig, VisionConfig
+from edgelmm.errors import ConfigError
 from edgelmm.processing.image import ImageSpec
 
 IMAGE_PLACEHOLDER = -200  # marks image positions in prompt ids (LLaVA's sentinel, expanded N times)
@@ -15,16 +16,29 @@ KeyRules = tuple[tuple[str, str], ...]
 
 @dataclass(slots=True)
 class ModelSpec:
-    """A checkpoint's family, part configs, preprocessing, prompt template and key layout."""
+    """A checkpoint's family, part configs, preprocessing, prompt template and key layout. ``vision`` is a
+    SigLIP/CLIP tower with a two-layer projector (LLaVA-style families) or TinyGPT-V's EVA + Q-Former."""
 
     family: str
     text: TextConfig
-    vision: VisionConfig
-    projector_act: str
+    vision: VisionConfig | EvaQFormerConfig
     image: ImageSpec
     template: str
-    image_token_id: int | None  # None: LLaVA sentinel splicing; else HF Llava's expanded image token
-    key_rules: KeyRules
+    image_token_id: int | None = None  # None: LLaVA sentinel splicing; else HF Llava's expanded image token
+    projector_act: str = "gelu"  # the LLaVA-style projector's activation
+    key_rules: KeyRules = ()
     vision_dir: Path | None = None  # a separate vision tower folder (legacy TinyLLaVA)
     vision_key_rules: KeyRules = field(default_factory=tuple)
     context_length: int = 2048
+
+    @property
+    def image_ids(self) -> tuple[int, ...]:
+        """The ids marking image positions in prompt ids: LLaVA's placeholder, plus HF Llava's image token."""
+        return (IMAGE_PLACEHOLDER,) + ((self.image_token_id,) if self.image_token_id is not None else ())
+
+
+def check_image_positions(positions: int, images: int, tokens_per_image: int) -> None:
+    """Raise ConfigError unless a prompt's ``positions`` image slots take exactly ``images`` x
+    ``tokens_per_image`` feature rows."""
+    if positions != images * tokens_per_image:
+        raise ConfigError(f"the prompt has {positions} image positions but the image gives {tokens_per_image} tokens")

@@ -22,15 +22,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edgelmm.families.detect import detect
-from edgelmm.models.kv_cache import KVCache
-from edgelmm.checkpoint.loader import WeightFiles, read_json
-from edgelmm.models.vlm import VLM
-from edgelmm.families.tinygptv import is_description
-
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.checkpoint.loader import WeightFiles
 from edgelmm.export.calibration import calibration_samples
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.quantize import GPTQ, QuantResult, rtn_quantize
+from edgelmm.families import detect
+from edgelmm.families.tinygptv import is_description
+from edgelmm.models.kv_cache import KVCache
+from edgelmm.models.vlm import VLM
 
 
 def load_dtype(source: Path, settings: QuantSettings | None) -> torch.dtype:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgelmm import __version__
-from edgelmm.errors import ConfigError
 from edgelmm.checkpoint.gptq_format import SUPPORTED_BITS
+from edgelmm.errors import ConfigError
 
 GROUP_SIZES = (32, 64, 128, -1)
 METHODS = ("gptq", "rtn")

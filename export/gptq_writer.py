@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.checkpoint.loader import WeightFiles, map_key
 from edgelmm.errors import QuantizationError
-from edgelmm.checkpoint.loader import WeightFiles, map_key, read_json
 from edgelmm.spec import ModelSpec
 
 SHARD_BYTES = 1 << 30

@@ -22,11 +22,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edgelmm.config import TextConfig
-from edgelmm.models.layers import rotary_table
 from edgelmm.backends.onnx.config import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
-
+from edgelmm.config import TextConfig
 from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from edgelmm.models.layers import rotary_table
 
 
 def fused_rotary(cfg: TextConfig) -> bool:

@@ -24,20 +24,17 @@ from torch import nn
 
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
-from edgelmm.errors import ConfigError, UnsupportedModelError
-from edgelmm.checkpoint.manifest import write_manifest
 from edgelmm.backends.onnx.config import (
     CONFIG_NAME,
     DECODER_FILE,
     EMBEDDING_FILE,
     VISION_FILE,
-    image_token_ids,
     make_genai_config,
 )
-from edgelmm.checkpoint.staging import check_new, staging
 from edgelmm.backends.torch.tinygptv import Description
-from edgelmm.families.tinygptv import TINYGPTV_FAMILY, is_description
-
+from edgelmm.checkpoint.manifest import write_manifest
+from edgelmm.checkpoint.staging import check_new, staging
+from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.export.gptq_model import load_dtype, quantizable, quantize_model
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.gptq_writer import copy_side_files
@@ -47,6 +44,7 @@ from edgelmm.export.onnx_tinygptv import build_tinygptv_vision
 from edgelmm.export.onnx_vision import build_embedding, build_vision
 from edgelmm.export.onnx_weights import Int8Channels, Packed, channel_int8, decoder_linears, decoder_norms
 from edgelmm.export.quantize import rtn_quantize
+from edgelmm.families.tinygptv import TINYGPTV_FAMILY, is_description
 
 TARGETS = {"cpu": "float32", "cuda": "float16"}
 
@@ -150,7 +148,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, settings: QuantSettings 
         vision_graph = build_tinygptv_vision if spec.family == TINYGPTV_FAMILY else build_vision
         save_model(vision_graph(model, packed, dtype, level), tmp / VISION_FILE)
         table = "float16" if settings is not None else dtype
-        save_model(build_embedding(model, image_token_ids(spec), table, dtype), tmp / EMBEDDING_FILE)
+        save_model(build_embedding(model, list(spec.image_ids), table, dtype), tmp / EMBEDDING_FILE)
         decoder = build_decoder(spec.text, decoder_linears(model.text, packed), decoder_norms(model.text), dtype, level)
         del lm, model, packed
         save_model(decoder, tmp / DECODER_FILE)

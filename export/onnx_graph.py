@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgelmm.errors import UnsupportedModelError
 from edgelmm.backends.onnx.config import external_data_path
+from edgelmm.errors import UnsupportedModelError
 
 OPSET = 21  # ONNX domain opset; onnxruntime 1.31 runs up to 23
 IR_VERSION = 10  # what onnxruntime >= 1.20 accepts

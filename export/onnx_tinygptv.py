@@ -15,8 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgelmm.families.tinygptv import QFormerConfig
-
+from edgelmm.config import QFormerConfig
 from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 from edgelmm.export.onnx_vision import batch_shape, layer_norm, to_numpy
 from edgelmm.export.onnx_weights import Int8Channels, Packed, fuse, linear_from

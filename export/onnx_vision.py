@@ -16,10 +16,9 @@ import onnx
 from onnx import TensorProto
 from torch import nn
 
-from edgelmm.models.layers import embedding_scale
-
 from edgelmm.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 from edgelmm.export.onnx_weights import Int8Channels, Packed, fuse, linear_from
+from edgelmm.models.layers import embedding_scale
 
 
 def to_numpy(t) -> np.ndarray:

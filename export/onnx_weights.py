@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgelmm.errors import UnsupportedModelError
 from edgelmm.checkpoint.gptq_format import unpack_qzeros
-
+from edgelmm.errors import UnsupportedModelError
 from edgelmm.export.onnx_graph import ChannelInt8, Linear, NBits
 
 _FALLBACK_BLOCK = 128  # per-channel (group_size -1) scales are replicated over blocks of this size

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from edgelmm.errors import ConfigError, QuantizationError
 from edgelmm.checkpoint.gptq_format import (
     SUPPORTED_BITS,
     default_g_idx,
@@ -20,6 +19,7 @@ from edgelmm.checkpoint.gptq_format import (
     pack_qweight,
     pack_qzeros,
 )
+from edgelmm.errors import ConfigError, QuantizationError
 
 
 @dataclass

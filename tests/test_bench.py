@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelmm.bench.command import command as bench
+from edgelmm.bench import command as bench
 from edgelmm.errors import ConfigError
 
 STAT_FIELDS = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s", "decode_tok_per_s", "prefill_tok_per_s")
@@ -110,7 +110,7 @@ def test_chart_is_written(report):
 
 
 def test_missing_matplotlib_is_said(monkeypatch, tmp_path):
-    from edgelmm.bench.command import report as bench_report
+    from edgelmm.bench import report as bench_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as when not installed
     note = bench_report.plot({"systems": []}, tmp_path / "x.png")
@@ -136,10 +136,10 @@ def test_unavailable_peers_and_exporters_are_skipped(monkeypatch, tmp_path, caps
 
 def test_prompt_has_exactly_the_requested_tokens(tiny_checkpoint):
     from edgelmm.api import EdgeLMM
-    from edgelmm.bench.worker import bench_prompt, image_ids, text_only
+    from edgelmm.bench.prompt import bench_prompt, text_only
 
     lm = EdgeLMM.load(tiny_checkpoint("llava-gemma"))
-    marks = image_ids(lm.spec)
+    marks = set(lm.spec.image_ids)
     image = lm.spec.vision.num_image_tokens
     for n in (image + 60, image + 300):
         ids = bench_prompt(lm, n)

@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from edgelmm.checkpoint.gptq_format import dequantize, pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError
-from edgelmm.checkpoint.gptq_format import (
-    QuantLinear,
-    dequantize,
-    pack_qweight,
-    pack_qzeros,
-    unpack_qweight,
-    unpack_qzeros,
-)
+from edgelmm.models.quant_linear import QuantLinear
 
 K, N = 256, 64
 GROUP_SIZES = [32, 64, 128, -1]

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from edgelmm.checkpoint.gptq_format import dequantize
 from edgelmm.errors import ConfigError
 from edgelmm.export.quantize import GPTQ, QuantizationError, rtn_quantize
-from edgelmm.checkpoint.gptq_format import QuantLinear, dequantize
+from edgelmm.models.quant_linear import QuantLinear
 
 
 def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:

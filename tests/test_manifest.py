@@ -6,7 +6,6 @@ import shutil
 import pytest
 
 from edgelmm import EdgeLMM
-
 from edgelmm.checkpoint import manifest
 from edgelmm.errors import ChecksumError
 from edgelmm.export.gptq_export import export_gptq

@@ -17,6 +17,8 @@ from reference import sample_image
 
 from edgelmm import EdgeLMM
 from edgelmm.backends.onnx.backend import OnnxBackend
+from edgelmm.backends.onnx.config import CONFIG_NAME
+from edgelmm.checkpoint.manifest import read_manifest
 from edgelmm.cli import main as cli_main
 from edgelmm.config import TextConfig
 from edgelmm.errors import ConfigError
@@ -26,11 +28,9 @@ from edgelmm.export.onnx_decoder import build_decoder, fused_rotary
 from edgelmm.export.onnx_export import export_onnx, quantize_for_onnx
 from edgelmm.export.onnx_weights import decoder_linears, decoder_norms
 from edgelmm.models.kv_cache import KVCache
-from edgelmm.checkpoint.manifest import read_manifest
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
-from edgelmm.backends.onnx.config import CONFIG_NAME
-from edgelmm.plan.memory import plan_onnx_export
+from edgelmm.plan.sources import plan_onnx_export
 from edgelmm.synthetic.shapes import TINY
 
 CASES = ([(f, "old", "phi") for f in ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")]
@@ -323,7 +323,8 @@ def test_cli_export_runs_without_torch(tiny_checkpoint, tmp_path, family):
         model = EdgeLMM.load({str(out)!r})
         result = model.generate(image, "What is in the picture?", max_new_tokens=4)
         assert type(model.backend).__name__ == "OnnxBackend"
-        from edgelmm.plan.memory import plan_for, PlanSettings
+        from edgelmm.plan.memory import PlanSettings
+        from edgelmm.plan.sources import plan_for
         assert plan_for({str(out)!r}, PlanSettings()).parts["decoder graph"] > 0  # planning is torch-free too
         assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         print("tokens", len(result.token_ids))

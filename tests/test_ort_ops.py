@@ -11,13 +11,12 @@ from onnx import TensorProto, helper, numpy_helper
 from reference import sample_image
 
 from edgelmm import EdgeLMM
-
 from edgelmm.backends.onnx import ops as ort_ops
 from edgelmm.backends.onnx.backend import decoder_session
 from edgelmm.errors import ConfigError
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_export import export_onnx
-from edgelmm.plan.memory import plan_onnx_export
+from edgelmm.plan.sources import plan_onnx_export
 
 needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
                                reason=f"edgelmm's CPU ops are unavailable here: {ort_ops.unavailable_reason()}")

@@ -11,7 +11,8 @@ import torch
 from edgelmm import EdgeLMM
 from edgelmm.bench.machine import resident_bytes
 from edgelmm.errors import ConfigError, MemoryBudgetError
-from edgelmm.plan.memory import PlanSettings, parse_size, plan_for, quantized_linear_bytes
+from edgelmm.plan.memory import PlanSettings, parse_size, quantized_linear_bytes
+from edgelmm.plan.sources import plan_for
 from edgelmm.synthetic.replicas import FAMILIES
 
 
@@ -136,7 +137,7 @@ def test_plan_matches_measured_memory_for_a_full_size_shape():
     """Materialize the full-size TinyLLaVA-3.1B shape in fp16 (weights and a 2048-token cache, every page
     touched) and compare the resident-memory growth with the plan."""
     from edgelmm.backends.torch.backend import new_cache
-    from edgelmm.families.detect import detect
+    from edgelmm.families import detect
     from edgelmm.models.vlm import VLM
     from edgelmm.synthetic.shapes import shape_config
 

@@ -17,10 +17,10 @@ from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError, Uns
 from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.export.onnx_export import export_onnx
-from edgelmm.processing.image import load_image, preprocess
 from edgelmm.models.kv_cache import KVCache
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.text import TextModel
+from edgelmm.processing.image import load_image, preprocess
 from edgelmm.synthetic.tinygptv import make_tiny_tinygptv
 
 QUESTION = "What is in the picture?"

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from edgelmm.errors import CheckpointError, ConfigError
-from edgelmm.synthetic.tokenizers import STYLES, write_tiny_tokenizer
 from edgelmm.processing.tokenizer import Tokenizer
+from edgelmm.synthetic.tokenizers import STYLES, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

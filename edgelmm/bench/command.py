@@ -120,15 +120,16 @@ def _prompts(source: Path, prompt_tokens: int) -> tuple[list[int], list[int], in
     from types import SimpleNamespace
 
     from edgelmm.api import EdgeLMM
-    from edgelmm.bench.worker import bench_prompt, image_ids, text_only
-    from edgelmm.families.detect import detect
-    from edgelmm.checkpoint.loader import WeightFiles, read_json
+    from edgelmm.bench.prompt import bench_prompt, text_only
+    from edgelmm.checkpoint.json_file import read_json
+    from edgelmm.checkpoint.loader import WeightFiles
+    from edgelmm.families import detect
     from edgelmm.processing.tokenizer import Tokenizer
 
     spec = detect(read_json(source / "config.json"), source, WeightFiles(source).keys())
     lm = EdgeLMM(SimpleNamespace(spec=spec), Tokenizer.from_dir(source), source)
     ids = bench_prompt(lm, prompt_tokens)
-    return ids, text_only(ids, image_ids(spec), lm.tokenizer), spec.vision.num_image_tokens
+    return ids, text_only(ids, set(spec.image_ids), lm.tokenizer), spec.vision.num_image_tokens
 
 
 def _run_job(job: dict, timeout: float | None) -> dict:

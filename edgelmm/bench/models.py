@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.checkpoint.staging import staging
+from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.families.tinygptv import is_description
 
 SHAPE_DTYPES = {"mipha": "bfloat16"}  # else float16: the released checkpoints' dtypes, fp32 ones halved
@@ -32,8 +32,8 @@ def shape_folder(name: str, root: Path) -> Path:
     For ``tinygpt-v``, the description file of its released pieces."""
     import torch
 
-    from edgelmm.synthetic.shapes import FULL, SHAPES
     from edgelmm.synthetic.replicas import make_tiny
+    from edgelmm.synthetic.shapes import FULL, SHAPES
     from edgelmm.synthetic.tinygptv import make_tiny_tinygptv
 
     out = root / "shapes" / name
@@ -131,10 +131,11 @@ def hf_language_model(source: Path, root: Path) -> Path:
     the checkpoint's tokenizer files), written once. UnsupportedModelError when HF has no such model."""
     import torch
 
-    from edgelmm.families.detect import detect
-    from edgelmm.checkpoint.loader import WeightFiles, map_key, read_json
+    from edgelmm.checkpoint.json_file import read_json
+    from edgelmm.checkpoint.loader import WeightFiles, map_key
+    from edgelmm.families import detect
     from edgelmm.models.text import TextModel
-    from edgelmm.synthetic.replicas import save_sharded
+    from edgelmm.synthetic.weights import save_sharded
 
     out = root / "hf-lm" / source_key(source)
     if out.is_dir():

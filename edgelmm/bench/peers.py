@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelmm.bench.worker import onnx_decode_bytes
+from edgelmm.bench.weights import onnx_decode_bytes
 
 
 def _llm_bytes(model, embed) -> int:

@@ -3,7 +3,7 @@ its own and a crashing peer cannot take the benchmark down: load, warm up, time 
 write the raw per-run timings and the bytes each decoded token reads to the job's ``result`` path.
 
 Every system decodes exactly ``new_tokens`` tokens greedily, ignoring end-of-sequence: the prefill gives
-the first token, ``new_tokens - 1`` decode steps the rest. Also the prompt builder shared with the parent."""
+the first token, ``new_tokens - 1`` decode steps the rest."""
 from __future__ import annotations
 
 import json
@@ -15,81 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-QUESTION = "What is in the picture? Describe it in detail."
-FILLER = ("The photograph was taken on a bright afternoon in a small harbour town. Fishing boats rest against the "
-          "stone quay, gulls circle above the masts, and a few people walk along the water with bags of bread and "
-          "fruit from the market. Behind them, painted houses climb the hill towards an old church. ")
+from edgelmm.bench.prompt import QUESTION, bench_prompt
+from edgelmm.bench.weights import onnx_decode_bytes, torch_decode_bytes
 
-_ORT_ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1}
-
-
-def image_ids(spec) -> set[int]:
-    from edgelmm.spec import IMAGE_PLACEHOLDER
-
-    return {IMAGE_PLACEHOLDER} | ({spec.image_token_id} if getattr(spec, "image_token_id", None) is not None else set())
-
-
-def filler_ids(tokenizer, n: int) -> list[int]:
-    """``n`` real text token ids: the tokenized FILLER prose, repeated as needed."""
-    ids = tokenizer.encode(FILLER, add_bos=False)
-    return (ids * (n // len(ids) + 1))[:n]
-
-
-def bench_prompt(lm, prompt_tokens: int) -> list[int]:
-    """The prompt ids of QUESTION about one image, text padded with FILLER tokens (inserted right after the
-    image) so that image tokens + text = ``prompt_tokens`` exactly. When the templated prompt is already
-    longer (a random-weight shape's tiny tokenizer splits the system prompt finely), tokens of the system
-    prompt before the image are dropped instead (the first token, e.g. BOS, is kept)."""
-    from edgelmm.errors import ConfigError
-
-    _, ids = lm.prompt_ids(QUESTION)
-    marks = image_ids(lm.spec)
-    first = min((i for i, t in enumerate(ids) if t in marks), default=len(ids))
-    last = max((i for i, t in enumerate(ids) if t in marks), default=0) + 1
-    need = prompt_tokens - len(ids)
-    if need < 0 and first - 1 >= -need:
-        return ids[:1] + ids[1 - need:]
-    if need < 0:
-        raise ConfigError(f"--prompt-tokens {prompt_tokens} is below this model's image tokens plus the question "
-                          f"({len(ids) - first + 1}); use at least that")
-    return ids[:last] + filler_ids(lm.tokenizer, need) + ids[last:]
-
-
-def text_only(ids: list[int], marks: set[int], tokenizer) -> list[int]:
-    """The same-length prompt for a language model alone: image positions become FILLER tokens."""
-    fill = iter(filler_ids(tokenizer, len(ids)))
-    return [next(fill) if t in marks else t for t in ids]
-
-
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def torch_decode_bytes(text) -> int:
-    """Weight bytes one decode step reads from a TextModel-like module: everything but the rotary tables and
-    the embedding table (one row read), unless the LM head is tied to it (then read in full once)."""
-    embed = text.embed_tokens.weight
-    tensors = [t for n, t in [*text.named_parameters(), *text.named_buffers()] if not n.startswith("rope_")]
-    tied = text.lm_head.weight.data_ptr() == embed.data_ptr()
-    return _bytes(tensors) - (0 if tied else embed.numel() * embed.element_size() - embed[0].numel() * embed.element_size())
-
-
-def onnx_decode_bytes(path: Path, skip: str = "embed_tokens") -> int:
-    """Initializer bytes of an ONNX graph (external data included) minus a ``skip`` table (one row read)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for init in model.graph.initializer:
-        ext = {e.key: e.value for e in init.external_data}
-        size = int(ext["length"]) if "length" in ext else len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
-        total += size // max(1, init.dims[0]) if skip in init.name and init.dims else size
-    return total
+ORT_ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1}
 
 
 class EdgeSession:
@@ -120,7 +49,7 @@ class EdgeSession:
             cfg = backend.config
             self.weight_bytes = onnx_decode_bytes(cfg.decoder)
             cache = backend.decoder.kv[0][0]  # fp32, fp16, or int8 rows with their scale: [1, Hkv, L, row]
-            row_bytes = cache.shape()[-1] * _ORT_ELEMENT_BYTES[cache.data_type()]
+            row_bytes = cache.shape()[-1] * ORT_ELEMENT_BYTES[cache.data_type()]
             self.weights = f"onnx {cfg.quantization.get('bits', 16)}-bit" if cfg.quantization else "onnx fp"
             self.weights += " (edgelmm ops)" if backend.decoder_kernels == "edgelmm" else ""
         else:

@@ -2,25 +2,15 @@
 shape checks and dtype casts into a model built on the meta device."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgelmm.errors import CheckpointError, ShapeMismatchError
+from edgelmm.checkpoint.json_file import read_json
 from edgelmm.checkpoint.safetensors_file import SafetensorsFile
+from edgelmm.errors import CheckpointError, ShapeMismatchError
 from edgelmm.spec import KeyRules
-
-
-def read_json(path: Path) -> dict:
-    """Parse a JSON file, turning a missing or malformed file into a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; point edgelmm at an unmodified checkpoint folder")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged, download it again") from None
 
 
 class WeightFiles:

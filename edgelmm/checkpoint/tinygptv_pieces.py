@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from edgelmm.errors import CheckpointError, ShapeMismatchError
 from edgelmm.checkpoint.loader import WeightFiles, map_key
-from edgelmm.models.eva import interpolate_pos_embed
+from edgelmm.errors import CheckpointError, ShapeMismatchError
 from edgelmm.spec import KeyRules
 
 PHI_RULES: KeyRules = (("model.", "text."), ("lm_head.", "text.lm_head."))
@@ -34,6 +34,19 @@ STAGE_RULES: KeyRules = (("llama_model.base_model.model.model.", "text."),  # PE
 _LORA = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")  # peft 0.2.0 has no adapter name
 _FRESH = {"q_layernorm.weight": 1.0, "q_layernorm.bias": 0.0, "k_layernorm.weight": 1.0,
           "k_layernorm.bias": 0.0, "post_layernorm.weight": 1.0}  # modules the stock Phi-2 files lack
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize learned positions [1, 1+g*g, D] to [1, 1+grid*grid, D] as LAVIS ``interpolate_pos_embed`` does:
+    the CLS position is kept, the g x g patch grid is resized bicubically (align_corners=False) in fp32."""
+    pos_embed = pos_embed.float()
+    old = int((pos_embed.shape[1] - 1) ** 0.5)
+    if old == grid:
+        return pos_embed
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, G, G)
+    return torch.cat((cls, patches.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)  # (1, 1+G*G, D)
 
 
 class TensorTable:

@@ -1,16 +1,45 @@
-"""TinyGPT-V's part configs and spec, torch-free (the ONNX backend reads them from an export's config): EVA
-ViT-g (``EvaConfig``), BLIP-2's Q-Former (``QFormerConfig``), the image side up to the language model
-(``VisualConfig``) and what EdgeLMM needs to run the model (``TinyGPTVSpec``, the counterpart of ``ModelSpec``)."""
+"""TinyGPT-V's family: its description file, part configs and spec (torch-free; docs/model-formats.md §3).
+
+TinyGPT-V ships no config.json: a stage checkpoint holds only the trained tensors, and the rest comes from
+three external bases. The description file names them; relative paths are read from the file's folder::
+
+    {
+      "format": "tinygpt-v",
+      "stage": 3,
+      "checkpoint": "TinyGPT-V_for_Stage3.pth",
+      "phi2": "phi-2",
+      "eva_vit": "eva_vit_g.pth",
+      "qformer": "blip2_pretrained_flant5xxl.pth",
+      "qformer_config": "bert-base-uncased"
+    }
+
+- ``format``: must be ``"tinygpt-v"``.
+- ``stage``: 1-4. Stages 1-3 run at 224x224, stage 4 at 448x448.
+- ``checkpoint``: ``TinyGPT-V_for_Stage{1..4}.pth`` (its ``model`` dict: llama_proj(2), norm weights, LoRA A/B).
+- ``phi2``: the Phi-2 folder in the transformers-4.36 layout (fused ``query_key_value``; a folder saved by
+  transformers >= 4.37, with q/k/v apart, works too), with its tokenizer.
+- ``eva_vit``: LAVIS ``eva_vit_g.pth``.
+- ``qformer``: the BLIP-2 checkpoint with ``Qformer.*``, ``query_tokens`` and ``ln_vision``.
+- ``qformer_config``: bert-base-uncased's ``config.json``, or the folder holding it.
+- Optional: ``image_size`` (must agree with ``stage``); ``lora_alpha`` (default: the checkpoint's saved
+  config, else 16; the rank comes from the LoRA tensors, and ``lora_r``, if given, is checked against it);
+  ``vision`` (EVA sizes ``width``/``depth``/``heads``/``patch_size``, default ViT-g/14: 1408/39/16/14);
+  ``context_length`` (KV cache length, default 2048).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelmm.config import TextConfig
-from edgelmm.errors import ConfigError
-from edgelmm.processing.image import ImageSpec
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.config import EvaConfig, EvaQFormerConfig, TextConfig
+from edgelmm.errors import CheckpointError, ConfigError, UnsupportedModelError
+from edgelmm.processing.image import CLIP_MEAN, CLIP_STD, ImageSpec
+from edgelmm.spec import ModelSpec
 
 TINYGPTV_FAMILY = "tinygpt-v"
+MARKER = "tinygpt-v"
+PIECES = ("checkpoint", "phi2", "eva_vit", "qformer", "qformer_config")
 
 
 def is_description(path: Path) -> bool:
@@ -19,93 +48,85 @@ def is_description(path: Path) -> bool:
 
 
 @dataclass(slots=True)
-class EvaConfig:
-    """EVA ViT hyperparameters; the defaults are ViT-g/14 (``create_eva_vit_g``: 39 of EVA-CLIP's 40 blocks)."""
+class Description:
+    """A parsed description file: the stage, its input size, and where each released piece is."""
 
-    width: int = 1408
-    depth: int = 39
-    heads: int = 16
-    patch_size: int = 14
-    image_size: int = 224
-    mlp_ratio: float = 4.3637  # int(1408 * 4.3637) = 6144
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        if self.width % self.heads:
-            raise ConfigError(f"EVA width {self.width} is not a multiple of its {self.heads} heads")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"image size {self.image_size} is not a multiple of the patch size {self.patch_size}")
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.width * self.mlp_ratio)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid ** 2 + 1
-
-
-@dataclass(slots=True)
-class QFormerConfig:
-    """Q-Former hyperparameters; the defaults are bert-base-uncased with BLIP-2's cross-attention settings."""
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    encoder_width: int = 1408
-    cross_attention_freq: int = 2
-    num_queries: int = 32
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"Q-Former hidden size {self.hidden_size} is not a multiple of {self.num_heads} heads")
+    path: Path
+    stage: int
+    eva: EvaConfig
+    pieces: dict[str, Path]
+    lora_alpha: float | None = None
+    lora_r: int | None = None
+    context_length: int = 2048
 
     @classmethod
-    def from_bert(cls, cfg: dict, encoder_width: int, num_queries: int) -> QFormerConfig:
-        """Parse a BERT config.json (as ``BertConfig.from_pretrained("bert-base-uncased")`` reads it)."""
-        try:
-            return cls(hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-                       num_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
-                       norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), hidden_act=cfg.get("hidden_act", "gelu"),
-                       encoder_width=encoder_width, num_queries=num_queries)
-        except KeyError as e:
-            raise ConfigError(f"the Q-Former's BERT config lacks {e}; pass bert-base-uncased's config.json") from None
+    def read(cls, path: Path) -> Description:
+        cfg = read_json(path)
+        if not isinstance(cfg, dict) or cfg.get("format") != MARKER:
+            raise UnsupportedModelError(f"{path} is not a model description edgelmm knows; a TinyGPT-V description "
+                                        f'has "format": "{MARKER}" (see edgelmm/families/tinygptv.py)')
+        stage = cfg.get("stage")
+        if stage not in (1, 2, 3, 4):
+            raise ConfigError(f'{path}: "stage" must be 1, 2, 3 or 4 (the TinyGPT-V_for_StageN.pth you use)')
+        size = 448 if stage == 4 else 224
+        if cfg.get("image_size", size) != size:
+            raise ConfigError(f"{path}: stage {stage} runs at {size}x{size} (stages 1-3: 224, stage 4: 448), "
+                              f"not {cfg['image_size']}; fix image_size or stage")
+        pieces = {}
+        for key in PIECES:
+            if not isinstance(cfg.get(key), str):
+                raise ConfigError(f'{path} lacks "{key}" (the path of a released TinyGPT-V piece)')
+            pieces[key] = (path.parent / Path(cfg[key]).expanduser()).resolve()
+        vision = cfg.get("vision", {})
+        unknown = set(vision) - {"width", "depth", "heads", "patch_size"}
+        if unknown:
+            raise ConfigError(f'{path}: unknown "vision" keys {sorted(unknown)}; use width, depth, heads, patch_size')
+        return cls(path, stage, EvaConfig(**vision, image_size=size), pieces, cfg.get("lora_alpha"),
+                   cfg.get("lora_r"), cfg.get("context_length", 2048))
 
 
-@dataclass(slots=True)
-class VisualConfig:
-    """The image side up to the language model. ``proj_dim`` is ``llama_proj``'s output (4096 upstream)."""
-
-    eva: EvaConfig
-    qformer: QFormerConfig
-    proj_dim: int = 4096
-
-    def __post_init__(self):
-        if self.qformer.encoder_width != self.eva.width:
-            raise ConfigError(f"the Q-Former cross-attends to {self.qformer.encoder_width}-wide features but "
-                              f"EVA is {self.eva.width} wide")
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.qformer.num_queries
+def trained_image_size(checkpoint: dict) -> int | None:
+    """The input size a training-runner save was trained at, from its saved config (None if absent)."""
+    model = (checkpoint.get("config") or {}).get("model") or {}
+    if "image_size" in model:
+        return int(model["image_size"])
+    return {"minigpt_v2": 448, "minigpt4": 224}.get(model.get("arch"))
 
 
-@dataclass(slots=True)
-class TinyGPTVSpec:
-    """What EdgeLMM needs to run TinyGPT-V (the counterpart of ``ModelSpec``): part configs, preprocessing,
-    template; the image is spliced at LLaVA's sentinel positions (no image token id)."""
+def bert_config(path: Path) -> dict:
+    """The Q-Former's BERT config.json (``path`` is the file or its folder)."""
+    return read_json(path / "config.json" if path.is_dir() else path)
 
-    text: TextConfig
-    vision: VisualConfig
-    image: ImageSpec
-    context_length: int = 2048
-    family: str = TINYGPTV_FAMILY
-    template: str = "tinygpt-v"
-    image_token_id: int | None = None
+
+def projection_dim(desc: Description) -> int:
+    """``llama_proj``'s output width (4096 upstream), read from the stage checkpoint's tensor shapes."""
+    from edgelmm.checkpoint.tinygptv_pieces import read_pth, state_dict  # torch: the checkpoint is a pickle
+
+    tensors = state_dict(read_pth(desc.pieces["checkpoint"], "stage checkpoint"), desc.pieces["checkpoint"],
+                         "stage checkpoint")
+    weight = next((v for k, v in tensors.items() if k.endswith("llama_proj.weight")), None)
+    if weight is None:
+        raise CheckpointError(f"{desc.pieces['checkpoint']} has no llama_proj.weight; is it a TinyGPT-V stage "
+                              "checkpoint?")
+    return weight.shape[0]
+
+
+def text_config(desc: Description) -> TextConfig:
+    """The modified Phi-2's config, from the Phi-2 folder's config.json."""
+    folder = desc.pieces["phi2"]
+    if not folder.is_dir():
+        raise CheckpointError(f"Phi-2 folder {folder} not found; point \"phi2\" at the transformers-4.36 Phi-2 folder")
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") != "phi":
+        raise UnsupportedModelError(f"{folder} holds a {cfg.get('model_type')!r} model; TinyGPT-V needs Phi-2")
+    text = TextConfig.from_hf(cfg, "phi")
+    text.qk_layernorm = text.post_attention_rmsnorm = True  # TinyGPT-V's modeling_phi.py, always on
+    return text
+
+
+def tinygptv_spec(text: TextConfig, vision: EvaQFormerConfig, context_length: int = 2048) -> ModelSpec:
+    """TinyGPT-V's spec: CLIP-normalized square images at EVA's input size, the image spliced at LLaVA's
+    sentinel positions (no image token id), its own template."""
+    image = ImageSpec(vision.eva.image_size, "square", CLIP_MEAN, CLIP_STD)
+    return ModelSpec(family=TINYGPTV_FAMILY, text=text, vision=vision, image=image, template="tinygpt-v",
+                     context_length=context_length)

@@ -8,21 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgelmm.config import EvaConfig
 from edgelmm.errors import ConfigError
-from edgelmm.families.tinygptv import EvaConfig
-
-
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resize learned positions [1, 1+g*g, D] to [1, 1+grid*grid, D] as LAVIS ``interpolate_pos_embed`` does:
-    the CLS position is kept, the g x g patch grid is resized bicubically (align_corners=False) in fp32."""
-    pos_embed = pos_embed.float()
-    old = int((pos_embed.shape[1] - 1) ** 0.5)
-    if old == grid:
-        return pos_embed
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, g*g, D)
-    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, G, G)
-    return torch.cat((cls, patches.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)  # (1, 1+G*G, D)
 
 
 class PatchEmbed(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelmm.families.tinygptv import QFormerConfig
+from edgelmm.config import QFormerConfig
 from edgelmm.models.layers import activation
 
 

@@ -7,18 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelmm.config import TextConfig
-from edgelmm.errors import ConfigError
-from edgelmm.families.tinygptv import VisualConfig
 from edgelmm.models.eva import EvaViT
 from edgelmm.models.qformer import QFormer
+from edgelmm.models.splice import splice_image
 from edgelmm.models.text import TextModel
-from edgelmm.models.vlm import IMAGE_PLACEHOLDER
+from edgelmm.spec import ModelSpec
 
 
 class TinyGPTV(nn.Module):
-    def __init__(self, visual: VisualConfig, text: TextConfig):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
+        self.spec = spec
+        visual, text = spec.vision, spec.text
         self.vision = EvaViT(visual.eva)
         self.ln_vision = nn.LayerNorm(visual.eva.width)  # LAVIS base_model.LayerNorm: eps 1e-5, fp32
         self.qformer = QFormer(visual.qformer)
@@ -35,11 +35,6 @@ class TinyGPTV(nn.Module):
         return self.llama_proj2(self.llama_proj(queries.to(self.llama_proj.weight.dtype)))  # (B, Q, D)
 
     def splice(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Embed ids [1, T] and overwrite the ``IMAGE_PLACEHOLDER`` positions with features [1, N, D] in order
-        (MiniGPT-4's ``get_context_emb``: text, image, text); returns embeds [1, T, D]."""
-        is_image = ids == IMAGE_PLACEHOLDER
-        embeds = self.text.embed(ids.masked_fill(is_image, 0))  # (1, T, D)
-        n = int(is_image.sum())
-        if n != features.shape[0] * features.shape[1]:
-            raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        """Embed ids [1, T] with the image features [1, N, D] at the image positions (MiniGPT-4's
+        ``get_context_emb``: text, image, text); returns embeds [1, T, D]."""
+        return splice_image(self.text, ids, features, self.spec.image_ids)

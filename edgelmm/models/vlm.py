@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgelmm.errors import ConfigError
-from edgelmm.spec import IMAGE_PLACEHOLDER, ModelSpec
 from edgelmm.models.projector import Projector
+from edgelmm.models.splice import splice_image
 from edgelmm.models.text import TextModel
 from edgelmm.models.vision import VisionTower
+from edgelmm.spec import ModelSpec
 
 
 class VLM(nn.Module):
@@ -25,13 +25,5 @@ class VLM(nn.Module):
         return self.projector(self.vision(pixels))
 
     def splice(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Embed ids [1, T] and overwrite the image positions (``IMAGE_PLACEHOLDER`` or the model's image
-        token id) with features [1, N, D] in order; returns embeds [1, T, D]."""
-        is_image = ids == IMAGE_PLACEHOLDER
-        if self.spec.image_token_id is not None:
-            is_image |= ids == self.spec.image_token_id
-        embeds = self.text.embed(ids.masked_fill(is_image, 0))  # (1, T, D)
-        n = int(is_image.sum())
-        if n != features.shape[0] * features.shape[1]:
-            raise ConfigError(f"the prompt has {n} image positions but the image gives {features.shape[1]} tokens")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        """Embed ids [1, T] with the image features [1, N, D] at the image positions; returns embeds [1, T, D]."""
+        return splice_image(self.text, ids, features, self.spec.image_ids)

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from edgelmm.checkpoint.staging import staging
 from edgelmm.errors import ConfigError
-from edgelmm.families.detect import detect
+from edgelmm.families import detect
 from edgelmm.models.vlm import VLM
 from edgelmm.synthetic.shapes import CLIP_PROCESSOR, FACTORY_LLMS, SIGLIP_PROCESSOR, TINY, checkpoint_config
-from edgelmm.checkpoint.staging import staging
 from edgelmm.synthetic.tokenizers import write_tiny_tokenizer
+from edgelmm.synthetic.weights import QK_SHARPEN, save_sharded
 
-QK_SHARPEN = 3.0  # scales q/k init: peaked attention keeps token positions (and a mirrored image) visible
 FAMILIES = ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")
 TOKENIZER_STYLE = {"tinyllava": "phi2", "tinyllava-legacy": "phi2", "mipha": "phi2",
                    "llava-gemma": "gemma", "tiny-llava-hf": "llama"}
@@ -84,21 +84,6 @@ def _to_checkpoint(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Ten
         ours, ckpt = next(r for r in inverse if name.startswith(r[0]))
         out[ckpt + name[len(ours):]] = tensor
     return out
-
-
-def save_sharded(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, shards: int = 2) -> None:
-    """Write ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``. A value may
-    be a callable returning the tensor: it is made when its shard is written (one shard in memory)."""
-    keys = sorted(state)
-    weight_map, total = {}, 0
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: (state[k]() if callable(state[k]) else state[k]).to(dtype).contiguous() for k in keys[i::shards]}
-        save_file(part, folder / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, name))
-        total += sum(t.numel() * t.element_size() for t in part.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", llm: str = "phi",

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from edgelmm.config import TextConfig
+from edgelmm.checkpoint.staging import staging
+from edgelmm.config import EvaConfig, EvaQFormerConfig, QFormerConfig, TextConfig
 from edgelmm.errors import ConfigError
+from edgelmm.families.tinygptv import tinygptv_spec
 from edgelmm.models.tinygptv import TinyGPTV
 from edgelmm.synthetic.shapes import FULL
-from edgelmm.checkpoint.staging import staging
-from edgelmm.synthetic.replicas import QK_SHARPEN, save_sharded
 from edgelmm.synthetic.tokenizers import write_tiny_tokenizer
-from edgelmm.families.tinygptv import EvaConfig, QFormerConfig, VisualConfig
+from edgelmm.synthetic.weights import QK_SHARPEN, save_sharded
 
 EVA = {"width": 32, "depth": 2, "heads": 2, "patch_size": 14}
 PHI2 = {"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 64, "intermediate_size": 256,
@@ -160,10 +160,10 @@ def _write(folder: Path, seed: int, stage: int, lora: bool, fused: bool, sizes: 
     text = TextConfig.from_hf(phi_cfg, "phi")
     text.qk_layernorm = text.post_attention_rmsnorm = True
     eva = EvaConfig(**sizes.eva, image_size=size)
-    visual = VisualConfig(eva, QFormerConfig.from_bert(sizes.bert, eva.width, QUERIES), sizes.proj_dim)
+    visual = EvaQFormerConfig(eva, QFormerConfig.from_bert(sizes.bert, eva.width, QUERIES), sizes.proj_dim)
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        model = TinyGPTV(visual, text)
+        model = TinyGPTV(tinygptv_spec(text, visual))
     state = _random_state(model, gen, sizes.dtype)
     del model
 

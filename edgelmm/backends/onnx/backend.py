@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from edgelmm.backends.onnx import ops as ort_ops
-from edgelmm.errors import ConfigError
 from edgelmm.backends.onnx.config import (
     PAST_KEY,
     PAST_VALUE,
@@ -29,6 +28,8 @@ from edgelmm.backends.onnx.config import (
     external_data_path,
     prefill_chunk,
 )
+from edgelmm.errors import ConfigError
+from edgelmm.spec import check_image_positions
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _CACHE_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
@@ -251,9 +252,9 @@ class OnnxBackend:
         if not ids:
             raise ConfigError("the prompt is empty")
         images_before = np.concatenate([[0], np.cumsum(np.isin(np.asarray(ids), self.image_ids))])  # [len + 1]
-        given = 0 if features is None else features.shape[0] * features.shape[1]
-        if images_before[-1] != given:
-            raise ConfigError(f"the prompt has {images_before[-1]} image positions but the image gives {given} tokens")
+        images, per_image = (0, 0) if features is None else features.shape[:2]
+        check_image_positions(int(images_before[-1]), images, per_image)
+        given = images * per_image
         if features is not None:  # [B, N, D]: spliced flattened, in order
             features = features.reshape(1, given, features.shape[-1])
 

@@ -34,11 +34,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgelmm.config import TextConfig, VisionConfig
+from edgelmm.config import EvaConfig, EvaQFormerConfig, QFormerConfig, TextConfig, VisionConfig
 from edgelmm.errors import CheckpointError, ConfigError
+from edgelmm.families.tinygptv import TINYGPTV_FAMILY, tinygptv_spec
 from edgelmm.processing.image import ImageSpec
-from edgelmm.spec import IMAGE_PLACEHOLDER, ModelSpec
-from edgelmm.families.tinygptv import TINYGPTV_FAMILY, EvaConfig, QFormerConfig, TinyGPTVSpec, VisualConfig
+from edgelmm.spec import ModelSpec
 
 CONFIG_NAME = "genai_config.json"
 VISION_FILE, EMBEDDING_FILE, DECODER_FILE = "vision.onnx", "embedding.onnx", "decoder.onnx"
@@ -64,33 +64,28 @@ def chunk_bounds(seq: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, seq)) for start in range(0, seq, size)]
 
 
-def spec_to_dict(spec: ModelSpec | TinyGPTVSpec) -> dict:
+def spec_to_dict(spec: ModelSpec) -> dict:
     """The runtime-relevant part of a spec as JSON-ready data (no key rules, no vision folder)."""
     d = {"family": spec.family, "text": asdict(spec.text), "vision": asdict(spec.vision), "image": asdict(spec.image),
          "template": spec.template, "image_token_id": spec.image_token_id, "context_length": spec.context_length}
-    if isinstance(spec, ModelSpec):
+    if isinstance(spec.vision, VisionConfig):  # LLaVA-style: a projector
         d["projector_act"] = spec.projector_act
     return d
 
 
-def spec_from_dict(d: dict) -> ModelSpec | TinyGPTVSpec:
+def spec_from_dict(d: dict) -> ModelSpec:
     """Inverse of :func:`spec_to_dict`."""
     text, image = TextConfig(**d["text"]), ImageSpec(**d["image"])
     if d["family"] == TINYGPTV_FAMILY:
         v = d["vision"]
-        visual = VisualConfig(EvaConfig(**v["eva"]), QFormerConfig(**v["qformer"]), v["proj_dim"])
-        return TinyGPTVSpec(text, visual, image, d["context_length"])
+        visual = EvaQFormerConfig(EvaConfig(**v["eva"]), QFormerConfig(**v["qformer"]), v["proj_dim"])
+        return tinygptv_spec(text, visual, d["context_length"])
     return ModelSpec(family=d["family"], text=text, vision=VisionConfig(**d["vision"]),
                      projector_act=d["projector_act"], image=image, template=d["template"],
                      image_token_id=d["image_token_id"], key_rules=(), context_length=d["context_length"])
 
 
-def image_token_ids(spec: ModelSpec | TinyGPTVSpec) -> list[int]:
-    """The ids marking image positions: LLaVA's placeholder, plus HF Llava's expanded image token."""
-    return [IMAGE_PLACEHOLDER] + ([spec.image_token_id] if spec.image_token_id is not None else [])
-
-
-def make_genai_config(spec: ModelSpec | TinyGPTVSpec, target: str, io_dtype: str, quantization: dict) -> dict:
+def make_genai_config(spec: ModelSpec, target: str, io_dtype: str, quantization: dict) -> dict:
     """The config of an export of ``spec`` (layout in the module docstring)."""
     t = spec.text
     context = min(spec.context_length, t.max_position_embeddings)
@@ -102,7 +97,7 @@ def make_genai_config(spec: ModelSpec | TinyGPTVSpec, target: str, io_dtype: str
                        "num_image_tokens": spec.vision.num_image_tokens},
             "embedding": {"filename": EMBEDDING_FILE,
                           "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-                          "outputs": {"inputs_embeds": "inputs_embeds"}, "image_token_ids": image_token_ids(spec)},
+                          "outputs": {"inputs_embeds": "inputs_embeds"}, "image_token_ids": list(spec.image_ids)},
             "decoder": {"filename": DECODER_FILE, "head_size": t.head_dim, "hidden_size": t.hidden_size,
                         "num_attention_heads": t.num_heads, "num_hidden_layers": t.num_layers,
                         "num_key_value_heads": t.num_kv_heads,
@@ -121,7 +116,7 @@ def make_genai_config(spec: ModelSpec | TinyGPTVSpec, target: str, io_dtype: str
 class OnnxConfig:
     """A parsed ``genai_config.json``: the model spec, the three graph paths and the export settings."""
 
-    spec: ModelSpec | TinyGPTVSpec
+    spec: ModelSpec
     vision: Path
     embedding: Path
     decoder: Path

@@ -6,28 +6,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from edgelmm.errors import ConfigError
-from edgelmm.families.detect import detect
 from edgelmm.backends.torch.gptq import GPTQSettings, read_gptq_config, use_quant_linears
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.checkpoint.loader import WeightFiles, load_into
+from edgelmm.errors import ConfigError
+from edgelmm.families import detect
 from edgelmm.models.kv_cache import KVCache
-from edgelmm.checkpoint.loader import WeightFiles, load_into, read_json
 from edgelmm.models.layers import bind_kernels
 from edgelmm.models.vlm import VLM
+from edgelmm.plan.memory import PlanSettings, parse_size, plan_memory, require_fit, vision_size
 from edgelmm.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA and fp32 on CPU unless asked; accepts torch dtypes and their usual names."""
+def resolve_device(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when available unless asked) and dtype (fp16 on CUDA and fp32 on CPU unless asked;
+    torch dtypes and their usual names) a model loads in."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return device, torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return device, dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return device, _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
@@ -42,8 +47,7 @@ class TorchBackend:
     @classmethod
     def load(cls, folder: Path, device=None, dtype=None, vision_tower=None,
              context_length: int | None = None, max_memory=None) -> TorchBackend:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(dtype, device)
+        device, dtype = resolve_device(device, dtype)
         files = WeightFiles(folder)
         cfg = read_json(folder / "config.json")
         spec = detect(cfg, folder, files.keys(), vision_tower)
@@ -61,10 +65,17 @@ class TorchBackend:
         if gptq is not None:  # quantized linears become QuantLinear before their buffers are loaded
             use_quant_linears(model, sources, gptq, device)
         load_into(model, sources, dtype, device)
+        return cls.ready(model, context_length, dtype, device)
+
+    @classmethod
+    def ready(cls, model: nn.Module, context_length: int | None, dtype: torch.dtype,
+              device: torch.device) -> TorchBackend:
+        """The backend of a model whose weights are loaded: rotary tables on ``device``, kernels bound once,
+        eval mode, and a KV cache for its context (or ``context_length`` if smaller)."""
         model.text.init_rope(device)
         bind_kernels(model, device)
         model.eval()
-        return cls(model, new_cache(spec, context_length, dtype, device))
+        return cls(model, new_cache(model.spec, context_length, dtype, device))
 
     @property
     def device(self) -> torch.device:
@@ -101,8 +112,6 @@ def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length
     """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB"); a GPTQ
     checkpoint's linears are planned at their ``gptq`` bits and group size. ``export`` names the smaller
     export the error suggests."""
-    from edgelmm.plan.memory import PlanSettings, parse_size, plan_memory, require_fit, vision_size
-
     size = torch.empty((), dtype=dtype).element_size()
     quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
     settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgelmm.checkpoint.gptq_format import CHECKPOINT_FORMATS, SUPPORTED_BITS, default_g_idx
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.checkpoint.loader import WeightFiles, map_key
 from edgelmm.errors import CheckpointError, UnsupportedModelError
-from edgelmm.checkpoint.gptq_format import CHECKPOINT_FORMATS, SUPPORTED_BITS, QuantLinear, default_g_idx
-from edgelmm.checkpoint.loader import WeightFiles, map_key, read_json
+from edgelmm.models.quant_linear import QuantLinear
 from edgelmm.spec import KeyRules
 
 

@@ -1,45 +1,14 @@
-"""TinyGPT-V from its released pieces, named by a small JSON description file (model-formats.md §3).
-
-TinyGPT-V ships no config.json: a stage checkpoint holds only the trained tensors, and the rest comes from
-three external bases. The description file names them; relative paths are read from the file's folder::
-
-    {
-      "format": "tinygpt-v",
-      "stage": 3,
-      "checkpoint": "TinyGPT-V_for_Stage3.pth",
-      "phi2": "phi-2",
-      "eva_vit": "eva_vit_g.pth",
-      "qformer": "blip2_pretrained_flant5xxl.pth",
-      "qformer_config": "bert-base-uncased"
-    }
-
-- ``format``: must be ``"tinygpt-v"``.
-- ``stage``: 1-4. Stages 1-3 run at 224x224, stage 4 at 448x448.
-- ``checkpoint``: ``TinyGPT-V_for_Stage{1..4}.pth`` (its ``model`` dict: llama_proj(2), norm weights, LoRA A/B).
-- ``phi2``: the Phi-2 folder in the transformers-4.36 layout (fused ``query_key_value``; a folder saved by
-  transformers >= 4.37, with q/k/v apart, works too), with its tokenizer.
-- ``eva_vit``: LAVIS ``eva_vit_g.pth``.
-- ``qformer``: the BLIP-2 checkpoint with ``Qformer.*``, ``query_tokens`` and ``ln_vision``.
-- ``qformer_config``: bert-base-uncased's ``config.json``, or the folder holding it.
-- Optional: ``image_size`` (must agree with ``stage``); ``lora_alpha`` (default: the checkpoint's saved
-  config, else 16; the rank comes from the LoRA tensors, and ``lora_r``, if given, is checked against it);
-  ``vision`` (EVA sizes ``width``/``depth``/``heads``/``patch_size``, default ViT-g/14: 1408/39/16/14);
-  ``context_length`` (KV cache length, default 2048).
-"""
+"""TinyGPT-V on the torch backend: its released pieces (named by a description file, see
+``edgelmm.families.tinygptv``) read into one tensor table, LoRA merged, and loaded into ``TinyGPTV``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgelmm.config import TextConfig
-from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError, UnsupportedModelError
-from edgelmm.processing.image import CLIP_MEAN, CLIP_STD, ImageSpec
-from edgelmm.checkpoint.loader import WeightFiles, load_into, read_json
-from edgelmm.models.tinygptv import TinyGPTV
-from edgelmm.families.tinygptv import EvaConfig, QFormerConfig, TinyGPTVSpec, VisualConfig
+from edgelmm.backends.torch.backend import TorchBackend, check_budget, resolve_device
+from edgelmm.checkpoint.loader import WeightFiles, load_into
 from edgelmm.checkpoint.tinygptv_pieces import (
     EVA_RULES,
     PHI_RULES,
@@ -57,87 +26,14 @@ from edgelmm.checkpoint.tinygptv_pieces import (
     state_dict,
     take_lora,
 )
+from edgelmm.config import EvaQFormerConfig, QFormerConfig, TextConfig
+from edgelmm.errors import CheckpointError, ConfigError, ShapeMismatchError
+from edgelmm.families.tinygptv import Description, bert_config, text_config, tinygptv_spec, trained_image_size
+from edgelmm.models.tinygptv import TinyGPTV
 from edgelmm.processing.tokenizer import Tokenizer
 
-MARKER = "tinygpt-v"
-PIECES = ("checkpoint", "phi2", "eva_vit", "qformer", "qformer_config")
 _SOURCE_OF = (("vision.", "eva_vit"), ("ln_vision.", "qformer"), ("qformer.", "qformer"),
               ("llama_proj", "checkpoint"), ("text.", "phi2"))  # which piece must supply each parameter
-
-
-@dataclass(slots=True)
-class Description:
-    """A parsed description file: the stage, its input size, and where each released piece is."""
-
-    path: Path
-    stage: int
-    eva: EvaConfig
-    pieces: dict[str, Path]
-    lora_alpha: float | None = None
-    lora_r: int | None = None
-    context_length: int = 2048
-
-    @classmethod
-    def read(cls, path: Path) -> Description:
-        cfg = read_json(path)
-        if not isinstance(cfg, dict) or cfg.get("format") != MARKER:
-            raise UnsupportedModelError(f"{path} is not a model description edgelmm knows; a TinyGPT-V description "
-                                        f'has "format": "{MARKER}" (see edgelmm/tinygptv.py)')
-        stage = cfg.get("stage")
-        if stage not in (1, 2, 3, 4):
-            raise ConfigError(f'{path}: "stage" must be 1, 2, 3 or 4 (the TinyGPT-V_for_StageN.pth you use)')
-        size = 448 if stage == 4 else 224
-        if cfg.get("image_size", size) != size:
-            raise ConfigError(f"{path}: stage {stage} runs at {size}x{size} (stages 1-3: 224, stage 4: 448), "
-                              f"not {cfg['image_size']}; fix image_size or stage")
-        pieces = {}
-        for key in PIECES:
-            if not isinstance(cfg.get(key), str):
-                raise ConfigError(f'{path} lacks "{key}" (the path of a released TinyGPT-V piece)')
-            pieces[key] = (path.parent / Path(cfg[key]).expanduser()).resolve()
-        vision = cfg.get("vision", {})
-        unknown = set(vision) - {"width", "depth", "heads", "patch_size"}
-        if unknown:
-            raise ConfigError(f'{path}: unknown "vision" keys {sorted(unknown)}; use width, depth, heads, patch_size')
-        return cls(path, stage, EvaConfig(**vision, image_size=size), pieces, cfg.get("lora_alpha"),
-                   cfg.get("lora_r"), cfg.get("context_length", 2048))
-
-
-def trained_image_size(checkpoint: dict) -> int | None:
-    """The input size a training-runner save was trained at, from its saved config (None if absent)."""
-    model = (checkpoint.get("config") or {}).get("model") or {}
-    if "image_size" in model:
-        return int(model["image_size"])
-    return {"minigpt_v2": 448, "minigpt4": 224}.get(model.get("arch"))
-
-
-def bert_config(path: Path) -> dict:
-    """The Q-Former's BERT config.json (``path`` is the file or its folder)."""
-    return read_json(path / "config.json" if path.is_dir() else path)
-
-
-def projection_dim(desc: Description) -> int:
-    """``llama_proj``'s output width (4096 upstream), read from the stage checkpoint's tensor shapes."""
-    tensors = state_dict(read_pth(desc.pieces["checkpoint"], "stage checkpoint"), desc.pieces["checkpoint"],
-                         "stage checkpoint")
-    weight = next((v for k, v in tensors.items() if k.endswith("llama_proj.weight")), None)
-    if weight is None:
-        raise CheckpointError(f"{desc.pieces['checkpoint']} has no llama_proj.weight; is it a TinyGPT-V stage "
-                              "checkpoint?")
-    return weight.shape[0]
-
-
-def text_config(desc: Description) -> TextConfig:
-    """The modified Phi-2's config, from the Phi-2 folder's config.json."""
-    folder = desc.pieces["phi2"]
-    if not folder.is_dir():
-        raise CheckpointError(f"Phi-2 folder {folder} not found; point \"phi2\" at the transformers-4.36 Phi-2 folder")
-    cfg = read_json(folder / "config.json")
-    if cfg.get("model_type") != "phi":
-        raise UnsupportedModelError(f"{folder} holds a {cfg.get('model_type')!r} model; TinyGPT-V needs Phi-2")
-    text = TextConfig.from_hf(cfg, "phi")
-    text.qk_layernorm = text.post_attention_rmsnorm = True  # TinyGPT-V's modeling_phi.py, always on
-    return text
 
 
 def _lora_alpha(desc: Description, checkpoint: dict) -> float:
@@ -192,11 +88,7 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     """Build TinyGPT-V from the description file ``path``; returns (TorchBackend, Tokenizer, path), the
     arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once. ``max_memory`` as in
     ``EdgeLMM.load``: checked against the plan before the weights are loaded."""
-    from edgelmm.backends.torch.backend import TorchBackend, check_budget, new_cache, resolve_dtype
-    from edgelmm.models.layers import bind_kernels
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(dtype, device)
+    device, dtype = resolve_device(device, dtype)
     desc = Description.read(path)
     text = text_config(desc)
     table = build_table(desc, text)
@@ -204,13 +96,11 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     queries = _require(table, "qformer.query_tokens", desc, "qformer")[1]
     proj_dim = _require(table, "llama_proj.weight", desc, "checkpoint")[0]
     qformer = QFormerConfig.from_bert(bert_config(desc.pieces["qformer_config"]), desc.eva.width, queries)
-    visual = VisualConfig(desc.eva, qformer, proj_dim)
+    spec = tinygptv_spec(text, EvaQFormerConfig(desc.eva, qformer, proj_dim), desc.context_length)
     with torch.device("meta"):
-        model = TinyGPTV(visual, text)
-    model.spec = TinyGPTVSpec(text, visual, ImageSpec(desc.eva.image_size, "square", CLIP_MEAN, CLIP_STD),
-                              desc.context_length)
+        model = TinyGPTV(spec)
     if max_memory is not None:  # before any weight is loaded into the model
-        check_budget(model, model.spec, dtype, context_length, max_memory,
+        check_budget(model, spec, dtype, context_length, max_memory,
                      export=f"its 4-bit ONNX export (edgelmm export {path.name} --format onnx --bits 4)")
     params = dict(model.named_parameters())
     fill_fresh(table, params, desc.pieces["phi2"])
@@ -219,8 +109,4 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
     load_into(model, [(table, (("", ""),))], dtype, device)  # empties the table file by file
     for name, value in ln_vision.items():  # ln_vision stays fp32, as LAVIS keeps it
         setattr(model.ln_vision, name, nn.Parameter(value, False))
-    model.text.init_rope(device)
-    bind_kernels(model, device)
-    model.eval()
-    backend = TorchBackend(model, new_cache(model.spec, context_length, dtype, device))
-    return backend, Tokenizer.from_dir(desc.pieces["phi2"]), path
+    return TorchBackend.ready(model, context_length, dtype, device), Tokenizer.from_dir(desc.pieces["phi2"]), path

@@ -32,9 +32,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from edgelmm.backends.onnx.ops.rewrite import CACHE_OPS, DOMAIN, rewrite_model
 from edgelmm.errors import ConfigError
 from edgelmm.paths import cache_root
-from edgelmm.backends.onnx.ops.rewrite import CACHE_OPS, DOMAIN, rewrite_model
 
 SOURCES = ("nbits_kernels.c", "gqa_kernels.c", "matmul_op.c", "gqa_op.c", "norm_op.c", "register.c")
 HEADERS = ("ort_api.h", "kernels.h", "nbits_op.h", "vec_math.h")
