@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     from edgelmm.backends.onnx import ops as ort_ops
     from edgelmm.backends.onnx.backend import decoder_session
     from edgelmm.backends.onnx.config import chunk_bounds, prefill_chunk
-    from edgelmm.bench.machine import measure_bandwidth, peak_rss_bytes
+    from edgelmm.bench.machine import measure_bandwidth
+    from edgelmm.process_memory import peak_rss_bytes
 
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix="edgelmm-onnx-bench-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ import onnxruntime  # noqa: F401  (imported before the baseline, as the backend 
 import tokenizers  # noqa: F401
 
 from edgelmm import EdgeLMM
-from edgelmm.bench.machine import resident_bytes
 from edgelmm.plan.sources import plan_onnx_export
+from edgelmm.process_memory import resident_bytes
 
 
 def peak_resident_bytes() -> int:

@@ -1,4 +1,5 @@
-"""The ``edgelmm`` command line: ask, make-tiny, demo, export."""
+"""The ``edgelmm`` command line: ask, demo, make-tiny, plan, bench and export (each command imports what it runs
+when it runs)."""
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgelmm.synthetic.replicas import FAMILIES
+    from edgelmm.synthetic.replicas import REPLICAS
 
     parser = argparse.ArgumentParser(prog="edgelmm", description="Run small vision-language models on the edge.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(ask)
     ask.set_defaults(func=cmd_ask)
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in a family's real layout")
-    tiny.add_argument("family", choices=(*FAMILIES, "tinygpt-v"))
+    tiny.add_argument("family", choices=(*REPLICAS, "tinygpt-v"))
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layout", choices=("old", "new"), default="old", help="HF Llava key layout")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser("demo", help="make a tiny model and ask it about a synthetic image, offline")
-    demo.add_argument("--family", choices=FAMILIES, default="tinyllava")
+    demo.add_argument("--family", choices=REPLICAS, default="tinyllava")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="latency, memory and bandwidth of the backends and peer runtimes")

@@ -7,7 +7,24 @@ from dataclasses import dataclass
 
 from edgelmm.errors import ConfigError
 
-TEXT_ARCHS = ("phi", "llama", "gemma", "qwen2")
+
+@dataclass(frozen=True, slots=True)
+class DecoderStyle:
+    """How a decoder family arranges the same parts (its HF module names included)."""
+
+    parallel_block: bool  # attention and MLP read the same normed input (Phi), else one after the other
+    gated_mlp: bool  # gate/up/down (SwiGLU, GeGLU), else fc1/fc2
+    norm: str  # "layer" (LayerNorm with bias), "rms" or "gemma_rms" (RMSNorm scaled by 1 + w)
+    out_proj: str  # the attention output linear's name
+    final_norm: str  # the final norm's name
+    scale_embeddings: bool  # token embeddings times sqrt(hidden_size) (Gemma)
+
+
+_PHI = DecoderStyle(True, False, "layer", "dense", "final_layernorm", False)
+_LLAMA = DecoderStyle(False, True, "rms", "o_proj", "norm", False)
+DECODER_STYLES = {"phi": _PHI, "llama": _LLAMA, "qwen2": _LLAMA,
+                  "gemma": DecoderStyle(False, True, "gemma_rms", "o_proj", "norm", True)}
+TEXT_ARCHS = tuple(DECODER_STYLES)
 VISION_ARCHS = ("siglip", "clip")
 
 
@@ -42,6 +59,10 @@ class TextConfig:
     out_bias: bool
     qk_layernorm: bool = False  # per-head LayerNorm on q and k before rotary (Phi option; TinyGPT-V)
     post_attention_rmsnorm: bool = False  # TinyGPT-V: RMSNorm on the attention output (parallel block)
+
+    @property
+    def style(self) -> DecoderStyle:
+        return DECODER_STYLES[self.arch]
 
     def __post_init__(self):
         if self.arch not in TEXT_ARCHS:

@@ -16,7 +16,6 @@ import torch
 
 from edgelmm import __version__
 from edgelmm.api import EdgeLMM
-from edgelmm.bench.machine import peak_rss_bytes
 from edgelmm.checkpoint.manifest import write_manifest
 from edgelmm.checkpoint.staging import check_new, staging
 from edgelmm.errors import ConfigError, UnsupportedModelError
@@ -24,6 +23,7 @@ from edgelmm.export.gptq_model import load_dtype, quantize_model
 from edgelmm.export.gptq_settings import QuantSettings, quantization_config
 from edgelmm.export.gptq_writer import SHARD_BYTES, block_name, write_gptq_folder
 from edgelmm.families.tinygptv import is_description
+from edgelmm.process_memory import peak_rss_bytes
 
 
 @dataclass

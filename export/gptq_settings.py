@@ -1,4 +1,4 @@
-"""The settings of one GPTQ export and the ``quantization_config`` they produce (quant-formats.md §1.6)."""
+"""The settings of one GPTQ export and the ``quantization_config`` they produce (docs/quant-formats.md §1.6)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,4 +1,4 @@
-"""Writing a GPTQ export folder in the source checkpoint's own layout (quant-formats.md §1).
+"""Writing a GPTQ export folder in the source checkpoint's own layout (docs/quant-formats.md §1).
 
 Every tensor of the source checkpoint is written under its own key, so family detection and other tools
 still recognise the folder: each quantized linear's ``<prefix>.weight`` becomes ``<prefix>.qweight`` /

@@ -45,7 +45,7 @@ def build_decoder(cfg: TextConfig, linears: dict[str, Linear], norms: dict[str, 
 class _Decoder:
     def __init__(self, cfg: TextConfig, g: GraphBuilder, linears: dict[str, Linear], norms: dict[str, np.ndarray]):
         self.cfg, self.g, self.lin, self.norms = cfg, g, linears, norms
-        self.rms = cfg.arch != "phi"
+        self.rms = cfg.style.norm != "layer"
         self.fused_rotary = fused_rotary(cfg)
 
     def build(self) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, Te
 
 @dataclass
 class NBits:
-    """A weight in ``MatMulNBits`` layout (quant-formats.md §3.1): ``b`` uint8 ``[N, k_blocks, blob]``,
+    """A weight in ``MatMulNBits`` layout (docs/quant-formats.md §3.1): ``b`` uint8 ``[N, k_blocks, blob]``,
     ``scales`` float32 ``[N, k_blocks]``, ``zeros`` uint8 ``[N, k_blocks]`` (unpacked) or None for the
     default ``2^(bits-1)``."""
 

@@ -100,7 +100,7 @@ def build_embedding(model: nn.Module, image_ids: list[int], table_dtype: str,
     tok = g.op("Gather", table, g.op("Where", is_img, g.const(0), ids), axis=0)  # (B, S, D)
     if table_dtype != dtype:
         tok = g.op("Cast", tok, to=g.onnx_dtype)
-    if text.cfg.arch == "gemma":
+    if text.cfg.style.scale_embeddings:
         tok = g.op("Mul", tok, g.const(embedding_scale(d), g.np_dtype))
     flat = g.op("Reshape", g.op("Cast", is_img, to=TensorProto.INT64), g.const([-1]))  # (B*S,)
     index = g.op("Max", g.op("Sub", g.op("CumSum", flat, g.const(0)), g.const(1)), g.const(0))  # (B*S,)

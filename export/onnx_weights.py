@@ -1,5 +1,5 @@
 """The decoder's linears for the ONNX graph: GPTQ tensors (as the GPTQ export packs them) repacked into
-``MatMulNBits`` layout (a transpose and a byte view, quant-formats.md §0 item 4 and §3.1), fp ``nn.Linear``
+``MatMulNBits`` layout (a transpose and a byte view, docs/quant-formats.md §0 item 4 and §3.1), fp ``nn.Linear``
 weights transposed for ``MatMul``, and the per-layer fusions (q|k|v, gate|up) concatenated along N."""
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def decoder_linears(text: nn.Module, packed: list[Packed]) -> dict[str, Linear]:
     for i, layer in enumerate(text.layers):
         p = f"layers.{i}"
         out[f"{p}.qkv"] = fuse([get(f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")])
-        out[f"{p}.o"] = get(f"{p}.self_attn.{'dense' if hasattr(layer.self_attn, 'dense') else 'o_proj'}")
+        out[f"{p}.o"] = get(f"{p}.self_attn.{text.cfg.style.out_proj}")
         if layer.mlp.gated:
             out[f"{p}.gate_up"] = fuse([get(f"{p}.mlp.gate_proj"), get(f"{p}.mlp.up_proj")])
             out[f"{p}.down"] = get(f"{p}.mlp.down_proj")
@@ -141,13 +141,13 @@ def _has(module: nn.Module, name: str) -> bool:
 
 def decoder_norms(text: nn.Module) -> dict[str, np.ndarray]:
     """Norm gains (and LayerNorm biases) by graph name, with Gemma's ``1 + w`` folded into the gain."""
-    offset = 1.0 if text.cfg.arch == "gemma" else 0.0
+    offset = 1.0 if text.cfg.style.norm == "gemma_rms" else 0.0
     out = {}
     kinds = ("input_layernorm", "post_attention_layernorm", "post_layernorm", "self_attn.q_layernorm",
              "self_attn.k_layernorm")  # the last three: TinyGPT-V
     named = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(text.layers)
              for n in kinds if _has(layer, n)]
-    named.append(("final_norm", text.final_layernorm if hasattr(text, "final_layernorm") else text.norm))
+    named.append(("final_norm", getattr(text, text.cfg.style.final_norm)))
     for name, norm in named:
         out[f"{name}.weight"] = (offset + norm.weight.detach().float()).numpy()
         if getattr(norm, "bias", None) is not None:

@@ -1,6 +1,6 @@
 """GPTQ dequant-matmul reading the standard AutoGPTQ/GPTQModel packing directly.
 
-Packing (quant-formats.md §1): qweight int32 [K*b/32, N] packs input rows along K, lowest k in the
+Packing (docs/quant-formats.md §1): qweight int32 [K*b/32, N] packs input rows along K, lowest k in the
 least-significant bits; qzeros int32 [G, N*b/32] packs along N; scales [G, N]; g_idx int32 [K].
 v1 ("gptq") checkpoints store zero - 1, v2 ("gptq_v2") store zero. Dequantization (§1.5):
     W_T[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]),   y = x @ W_T + bias

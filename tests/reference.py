@@ -1,5 +1,5 @@
 """Independent references for the parity tests, assembled from transformers' own modules following each
-family's documented code path (model-formats.md), never from edgelmm's model code."""
+family's documented code path (docs/model-formats.md), never from edgelmm's model code."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """GPTQ export end to end on tiny replicas: greedy parity at 8 bits, the on-disk tensors against an independent
-reading of quant-formats.md §1.2-1.5, the §1.6 configs, atomic output, checksums, and foreign checkpoints."""
+reading of docs/quant-formats.md §1.2-1.5, the §1.6 configs, atomic output, checksums, and foreign checkpoints."""
 import json
 import os
 import shutil
@@ -20,7 +20,7 @@ from edgelmm.export.gptq_export import export_gptq
 from edgelmm.export.gptq_model import load_dtype
 from edgelmm.export.gptq_settings import QuantSettings
 from edgelmm.models.kv_cache import KVCache
-from edgelmm.synthetic.replicas import FAMILIES
+from edgelmm.synthetic.replicas import REPLICAS
 
 PROMPTS = ["What is in the picture?", "Describe the image.", "What colour is it?"]
 NEAR_TIE = 0.2  # fp32 top-1 margins below this fraction of the logit std are decided by rounding noise
@@ -74,7 +74,7 @@ def trajectory_logits(lm: EdgeLMM, image, prompt: str, tokens: list[int]) -> tor
         return model.text(embeds, cache, 0, last_only=False)[0, len(ids) - 1:]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", REPLICAS)
 def test_8bit_greedy_output_equals_fp32(family, tiny_checkpoint, exported):
     """The 8-bit export's greedy answers equal the fp32 model's up to the first near-tie, and along the fp32
     answers it picks the same next token at every decisive step. Tiny random replicas have flat logits and
@@ -98,7 +98,7 @@ def test_8bit_greedy_output_equals_fp32(family, tiny_checkpoint, exported):
     assert decisive_steps >= 0.4 * total, (decisive_steps, total)
 
 
-# ---- the exported tensors, read with an independent formula (quant-formats.md §1.5) ----
+# ---- the exported tensors, read with an independent formula (docs/quant-formats.md §1.5) ----
 
 def unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Unsigned ``bits``-bit fields of int32 words, lowest field first, laid out along ``axis``."""

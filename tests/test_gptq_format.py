@@ -1,4 +1,4 @@
-"""The GPTQ checkpoint layout against an independent numpy reading of quant-formats.md §1.2-1.5."""
+"""The GPTQ checkpoint layout against an independent numpy reading of docs/quant-formats.md §1.2-1.5."""
 
 import numpy as np
 import pytest

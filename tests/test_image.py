@@ -1,5 +1,5 @@
 """edgelmm.processing.image against transformers' PIL-backend SigLIP/CLIP processors, LLaVA's expand2square as
-model-formats.md §0.5 states it, and every bad input load_image must turn into a typed error."""
+docs/model-formats.md §0.5 states it, and every bad input load_image must turn into a typed error."""
 
 import contextlib
 import io

@@ -230,7 +230,7 @@ def test_int8_compute_default_stays_close(tiny_checkpoint, tmp_path, family, llm
 @pytest.mark.parametrize("k,group,asym", [(160, 128, False), (4304, 128, True), (256, 32, False)])
 def test_repacked_linear_matches_the_gptq_formula(k, group, asym):
     """A GPTQ-packed linear repacked into MatMulNBits computes x @ W^T for W from the dequantization formula
-    (quant-formats.md §1.5: scale[g] * (q - zero[g])), also when K is not a multiple of the group (the last
+    (docs/quant-formats.md §1.5: scale[g] * (q - zero[g])), also when K is not a multiple of the group (the last
     MatMulNBits block is then padded: SigLIP's fc2 has K = 4304)."""
     import onnxruntime as ort
 

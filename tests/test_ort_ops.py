@@ -23,7 +23,7 @@ needs_ops = pytest.mark.skipif(ort_ops.unavailable_reason() is not None,
 
 
 def _weights(rng, n, k, block, zero_points, bits=4):
-    """Random MatMulNBits weights and their dequantized fp64 matrix W [N, K] (quant-formats.md §3.1): 4-bit
+    """Random MatMulNBits weights and their dequantized fp64 matrix W [N, K] (docs/quant-formats.md §3.1): 4-bit
     codes two per byte (low nibble first), zero points packed the same way per row, default 8; 8-bit one byte
     each, default 128."""
     levels = 1 << bits
@@ -42,7 +42,7 @@ def _weights(rng, n, k, block, zero_points, bits=4):
 
 
 def _dequantize(packed, scales, zp, block):
-    """W [N, K] (fp64) of 4-bit MatMulNBits weights, by the formula of quant-formats.md §3.1 (low nibble first,
+    """W [N, K] (fp64) of 4-bit MatMulNBits weights, by the formula of docs/quant-formats.md §3.1 (low nibble first,
     zero points packed the same way per row, default 8)."""
     def nibbles(b):
         return np.stack([b & 15, b >> 4], -1).reshape(b.shape[0], -1)

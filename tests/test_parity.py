@@ -5,10 +5,10 @@ import torch
 from reference import reference_for, sample_image
 
 from edgelmm import EdgeLMM
-from edgelmm.synthetic.replicas import FAMILIES
+from edgelmm.synthetic.replicas import REPLICA_FAMILY, REPLICAS
 
 # (family, HF key layout, Factory LLM) covering every on-disk layout make-tiny writes
-CASES = ([(f, "old", "phi") for f in FAMILIES] + [("llava-gemma", "new", "phi"), ("tiny-llava-hf", "new", "phi")]
+CASES = ([(f, "old", "phi") for f in REPLICAS] + [("llava-gemma", "new", "phi"), ("tiny-llava-hf", "new", "phi")]
          + [("tinyllava", "old", llm) for llm in ("llama", "gemma", "qwen2")])
 STEPS = 16
 QUESTION = "What is in the picture?"
@@ -60,3 +60,9 @@ def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
         if t in stop_ids:
             return tokens[:i]
     return tokens
+
+
+@pytest.mark.parametrize("replica", REPLICAS)
+def test_each_replica_is_detected_as_its_family(tiny_checkpoint, replica):
+    """A replica (named after the released checkpoint it copies) loads as the family its config.json declares."""
+    assert EdgeLMM.load(tiny_checkpoint(replica)).spec.family == REPLICA_FAMILY[replica]

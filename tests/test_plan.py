@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from edgelmm import EdgeLMM
-from edgelmm.bench.machine import resident_bytes
 from edgelmm.errors import ConfigError, MemoryBudgetError
 from edgelmm.plan.memory import PlanSettings, parse_size, quantized_linear_bytes
 from edgelmm.plan.sources import plan_for
-from edgelmm.synthetic.replicas import FAMILIES
+from edgelmm.process_memory import resident_bytes
+from edgelmm.synthetic.replicas import REPLICAS
 
 
 def allocated_bytes(model: EdgeLMM, features: torch.Tensor) -> int:
@@ -25,7 +25,7 @@ def allocated_bytes(model: EdgeLMM, features: torch.Tensor) -> int:
     return sum(storages.values()) + backend.cache.nbytes + features.numel() * features.element_size()
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "tinygpt-v"])
+@pytest.mark.parametrize("family", [*REPLICAS, "tinygpt-v"])
 def test_plan_matches_allocated_bytes_on_tiny_models(tiny_checkpoint, family):
     folder = tiny_checkpoint(family)
     model = EdgeLMM.load(folder, context_length=2048)

@@ -1,15 +1,13 @@
 """The machine a benchmark runs on: device, CPU model and flags, threads, library versions, the Jetson power
-mode and clock state, a measured memory bandwidth, and a process's peak memory. Standard library only, plus
+mode and clock state, and a measured memory bandwidth. Standard library only, plus
 torch or numpy for the bandwidth copy."""
 from __future__ import annotations
 
 import glob
 import os
 import platform
-import resource
 import shutil
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -129,18 +127,6 @@ def measure_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5, threads: 
         copy()
         best = min(best, time.perf_counter() - t)
     return 2 * size_bytes / best, f"{method}, {size_bytes / 2**20:.0f} MiB buffer, read+write bytes, best of {repeats}"
-
-
-def resident_bytes() -> int:
-    """This process's current resident set size (Linux /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def ram_total_bytes() -> int | None:

@@ -94,7 +94,7 @@ def make_session(job: dict):
 
 def measure(job: dict) -> dict:
     """Load, warm up, run; the raw result (bench.py turns runs into statistics)."""
-    from edgelmm.bench.machine import peak_rss_bytes
+    from edgelmm.process_memory import peak_rss_bytes
 
     os.environ.setdefault("EDGELMM_THREADS", str(job["threads"]))
     if uses_torch(job):  # only then: importing torch alone adds ~0.3 GB to a process's peak RSS

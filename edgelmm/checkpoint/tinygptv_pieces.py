@@ -1,4 +1,4 @@
-"""TinyGPT-V's released pieces as one table of edgelmm parameter names → tensors (model-formats.md §3.1).
+"""TinyGPT-V's released pieces as one table of edgelmm parameter names → tensors (docs/model-formats.md §3.1).
 
 Per piece: key renames; the Phi-2 4.36 ``query_key_value`` (rows interleaved per head as [heads, 3, head_dim])
 split into q/k/v (a Phi-2 saved by transformers >= 4.37, q/k/v apart, is fused first); LoRA (``lora_A``/

@@ -14,7 +14,7 @@ from edgelmm.spec import ModelSpec
 
 
 def detect(cfg: dict, folder: Path, weight_keys, vision_tower: str | Path | None = None) -> ModelSpec:
-    """Build the ModelSpec for a checkpoint folder from its config.json (model-formats.md §7.1)."""
+    """Build the ModelSpec for a checkpoint folder from its config.json (docs/model-formats.md §7.1)."""
     kind = cfg.get("model_type")
     if kind == "tinyllava":
         return parse_factory(cfg, folder)

@@ -26,10 +26,8 @@ class Attention(UsesKernels):
         if cfg.qk_layernorm:
             self.q_layernorm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
             self.k_layernorm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
-        if cfg.arch == "phi":
-            self.dense = out
-        else:
-            self.o_proj = out
+        self.out_name = cfg.style.out_proj
+        self.add_module(self.out_name, out)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 layer: int, start: int) -> torch.Tensor:
@@ -53,7 +51,7 @@ class Attention(UsesKernels):
         else:  # causal, aligned to the end: a chunk after a cached prefix sees the whole prefix
             ops.prefill_attention(q, keys, values, out, self.scale, True)
         out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return (self.dense if cfg.arch == "phi" else self.o_proj)(out)
+        return self._modules[self.out_name](out)
 
 
 class MLP(nn.Module):
@@ -61,7 +59,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gated = cfg.arch != "phi"
+        self.gated = cfg.style.gated_mlp
         self.act = activation(cfg.hidden_act)
         d, f = cfg.hidden_size, cfg.intermediate_size
         if self.gated:
@@ -79,15 +77,15 @@ class MLP(nn.Module):
 
 
 def _norm(cfg: TextConfig) -> nn.Module:
-    if cfg.arch == "phi":
+    if cfg.style.norm == "layer":
         return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps, gemma=cfg.arch == "gemma")
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps, gemma=cfg.style.norm == "gemma_rms")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.parallel = cfg.arch == "phi"
+        self.parallel = cfg.style.parallel_block
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = _norm(cfg)
@@ -116,11 +114,8 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        final_norm = _norm(cfg)
-        if cfg.arch == "phi":
-            self.final_layernorm = final_norm
-        else:
-            self.norm = final_norm
+        self.final_norm_name = cfg.style.final_norm
+        self.add_module(self.final_norm_name, _norm(cfg))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.init_rope(self.embed_tokens.weight.device)
 
@@ -133,7 +128,7 @@ class TextModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, D] (scaled by sqrt(D) for Gemma, in the embedding dtype)."""
         x = self.embed_tokens(ids)
-        if self.cfg.arch == "gemma":
+        if self.cfg.style.scale_embeddings:
             x = x * torch.tensor(embedding_scale(self.cfg.hidden_size), dtype=x.dtype)
         return x
 
@@ -146,7 +141,7 @@ class TextModel(nn.Module):
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start)
-        x = (self.final_layernorm if self.cfg.arch == "phi" else self.norm)(x)
+        x = self._modules[self.final_norm_name](x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()

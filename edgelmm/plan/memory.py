@@ -86,7 +86,7 @@ def _gb(n: int) -> str:
 
 
 def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
-    """GPTQ storage of one linear (quant-formats.md §1.1): qweight, qzeros, fp16 scales, int32 g_idx."""
+    """GPTQ storage of one linear (docs/quant-formats.md §1.1): qweight, qzeros, fp16 scales, int32 g_idx."""
     groups = math.ceil(in_features / (in_features if group_size == -1 else group_size))
     return (in_features * out_features * bits // 8 + groups * out_features * bits // 8
             + groups * out_features * 2 + in_features * 4)
@@ -155,7 +155,7 @@ def prompt_tokens(image_tokens: int, s: PlanSettings) -> int:
 def workspace_bytes(text, tokens: int, vision: VisionSize, dtype_bytes: int) -> int:
     """Peak transient bytes: the larger of the vision encoder's and a ``tokens``-long prefill's live activations
     (residual stream, normed input and block output, plus the widest intermediate)."""
-    gated = 2 if text.arch != "phi" else 1
+    gated = 2 if text.style.gated_mlp else 1
     qkv = (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
     prefill = tokens * (3 * text.hidden_size + max(gated * text.intermediate_size, qkv + text.hidden_size))
     encoder = vision.tokens * (3 * vision.hidden + max(vision.intermediate, 4 * vision.hidden))

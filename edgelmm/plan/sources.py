@@ -64,7 +64,7 @@ def plan_for(source: str, settings: PlanSettings, budget: int | None = None) -> 
 
 
 def _plan_tinygptv(settings: PlanSettings, budget: int | None, description: Path | None = None) -> MemoryPlan:
-    """TinyGPT-V: EVA ViT-g/14 + Q-Former + the modified Phi-2 (model-formats.md §3), from a description file's
+    """TinyGPT-V: EVA ViT-g/14 + Q-Former + the modified Phi-2 (docs/model-formats.md §3), from a description file's
     configs (its stage's image size, Phi-2's and BERT's config.json), else the released stage-4 sizes."""
     import torch
 

@@ -1,4 +1,4 @@
-"""Prompt templates per family (model-formats.md: phi v0, llama/vicuna v1, Factory gemma/qwen2, Gemma chat,
+"""Prompt templates per family (docs/model-formats.md: phi v0, llama/vicuna v1, Factory gemma/qwen2, Gemma chat,
 llava-hf). ``render`` returns the exact text given to the tokenizer; ``<image>`` marks the image slot."""
 from __future__ import annotations
 

@@ -18,7 +18,10 @@ from edgelmm.synthetic.shapes import CLIP_PROCESSOR, FACTORY_LLMS, SIGLIP_PROCES
 from edgelmm.synthetic.tokenizers import write_tiny_tokenizer
 from edgelmm.synthetic.weights import QK_SHARPEN, save_sharded
 
-FAMILIES = ("tinyllava", "tinyllava-legacy", "llava-gemma", "tiny-llava-hf", "mipha")
+# Replicas are named after the released checkpoints they copy; each is a checkpoint of one family (ModelSpec.family)
+REPLICA_FAMILY = {"tinyllava": "tinyllava", "tinyllava-legacy": "tinyllava-legacy", "llava-gemma": "llava-hf",
+                  "tiny-llava-hf": "llava-hf", "mipha": "mipha"}
+REPLICAS = tuple(REPLICA_FAMILY)
 TOKENIZER_STYLE = {"tinyllava": "phi2", "tinyllava-legacy": "phi2", "mipha": "phi2",
                    "llava-gemma": "gemma", "tiny-llava-hf": "llama"}
 DTYPE = {"tinyllava": torch.float16, "tinyllava-legacy": torch.float32, "mipha": torch.bfloat16,
@@ -95,8 +98,8 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, layout: str = "old", 
     if family == "tinygpt-v":  # released pieces plus a description file; returns that file's path
         from edgelmm.synthetic.tinygptv import make_tiny_tinygptv
         return make_tiny_tinygptv(out, seed)
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in REPLICAS:
+        raise ConfigError(f"unknown family {family!r}; choose one of {', '.join(REPLICAS)}")
     if llm != "phi" and family != "tinyllava" or llm not in FACTORY_LLMS:
         raise ConfigError(f"--llm {llm} applies to the tinyllava family only, with one of {sorted(FACTORY_LLMS)}")
     with staging(out) as tmp:

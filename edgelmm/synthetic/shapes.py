@@ -24,7 +24,7 @@ TINY = {
 TINY["qwen2"] = {**TINY["llama"], "model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
                  "use_sliding_window": False}
 
-FULL = {  # the released models' sizes (model-formats.md §1-§4)
+FULL = {  # the released models' sizes (docs/model-formats.md §1-§4)
     "siglip": {**TINY["siglip"], "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                "num_attention_heads": 16},
     "clip": {**TINY["clip"], "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
@@ -45,7 +45,7 @@ FULL = {  # the released models' sizes (model-formats.md §1-§4)
 FACTORY_LLMS = {"phi": ("microsoft/phi-2", "phi2"), "llama": ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "llama"),
                 "gemma": ("google/gemma-2b-it", "gemma"), "qwen2": ("Qwen/Qwen2-0.5B", "phi2")}
 
-# Named full-size shapes: (family, Factory LLM, vocabulary size)
+# Named full-size shapes: (replica, Factory LLM, vocabulary size)
 SHAPES = {"tinyllava-phi2-siglip-3.1b": ("tinyllava", "phi", 51200), "mipha-3b": ("mipha", "phi", 51200),
           "llava-gemma-2b": ("llava-gemma", "phi", 256000), "tiny-llava-1.1b": ("tiny-llava-hf", "phi", 32064)}
 
@@ -65,7 +65,7 @@ CLIP_PROCESSOR = {"image_processor_type": "CLIPImageProcessor", "do_resize": Tru
 
 
 def checkpoint_config(family: str, vocab: int, ids: dict, llm: str, sizes: dict) -> dict:
-    """config.json as ``family``'s released checkpoints write it, at ``sizes`` (TINY or FULL); ``ids`` holds
+    """config.json as the released checkpoint replica ``family`` (``replicas.REPLICAS``) writes it, at ``sizes`` (TINY or FULL); ``ids`` holds
     the tokenizer's bos/eos/pad(/image) ids."""
     siglip, phi = sizes["siglip"], sizes["phi"]
     if family == "tinyllava":

@@ -1,4 +1,4 @@
-"""``edgelmm make-tiny tinygpt-v OUT``: a tiny random-weight TinyGPT-V in the released layouts (model-formats.md
+"""``edgelmm make-tiny tinygpt-v OUT``: a tiny random-weight TinyGPT-V in the released layouts (docs/model-formats.md
 §3.1), plus the description file that names the pieces:
 
 - ``TinyGPT-V_for_Stage{N}.pth``: a training-runner save (``model``, ``optimizer``, ``config``, ``scaler``,

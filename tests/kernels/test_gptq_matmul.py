@@ -1,5 +1,5 @@
 """GPTQ dequant-matmul: Triton (interpreter) and the torch reference vs an oracle built in this file from the
-quant-formats.md §1.2/§1.3/§1.5 text (pack integer weights/zeros, then W_T = scale * (q - zero) in fp64).
+docs/quant-formats.md §1.2/§1.3/§1.5 text (pack integer weights/zeros, then W_T = scale * (q - zero) in fp64).
 
 Tolerances vs the fp64 oracle (|y| ~ 0.1-1): fp32 atol=rtol=1e-4; fp16 atol=rtol=3e-3 (fp16 weights and
 activations in the tensor-core dot, fp16 output). dequantize_ref must equal the oracle's W_T exactly.

@@ -74,7 +74,7 @@ def test_gptq_matmul_against_the_reference(bits, group_size, act_order, dtype):
         ours = native.gptq_matmul_native(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
         ref = gptq_matmul_ref(x, *args, torch.empty(m, n), bits=bits, group_size=group_size, zero_v1=True)
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
-    # independently of the shared dequantization: quant-formats.md §1.5, w = scale[g] * (q - zero[g]), in fp64
+    # independently of the shared dequantization: docs/quant-formats.md §1.5, w = scale[g] * (q - zero[g]), in fp64
     gi = g_idx.long()
     w_t = scales.double()[gi] * (intweight - zeros[gi]).double()  # [K, N]
     expected = x.double() @ w_t + args[-1].double()

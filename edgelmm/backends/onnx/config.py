@@ -1,6 +1,6 @@
 """``genai_config.json``: the file tying an ONNX export's three graphs together (torch-free).
 
-It follows the onnxruntime-genai Phi-3-vision layout (quant-formats.md §3.6) — ``model.vision``,
+It follows the onnxruntime-genai Phi-3-vision layout (docs/quant-formats.md §3.6) — ``model.vision``,
 ``model.embedding`` and ``model.decoder`` sections naming each graph's file and I/O — plus an ``edgelmm``
 section holding what the runtime needs that genai's schema has no place for::
 

@@ -1,7 +1,7 @@
 """Loading GPTQ checkpoints: read the quantization settings and put a ``QuantLinear`` wherever the
 checkpoint stores a quantized linear.
 
-Works for any checkpoint in the standard GPTQ layout (quant-formats.md §1), whoever wrote it: the settings
+Works for any checkpoint in the standard GPTQ layout (docs/quant-formats.md §1), whoever wrote it: the settings
 come from ``config.json["quantization_config"]`` (GPTQModel, optimum, transformers, edgelmm) or, failing
 that, ``quantize_config.json`` (AutoGPTQ); the quantized modules are the ones with a ``<prefix>.qweight``
 tensor, so an fp16 vision tower or lm_head simply stays ``nn.Linear``. ``g_idx`` is optional (absent means
