@@ -28,6 +28,7 @@ from edgelmm.backends.onnx.config import (
     external_data_path,
     prefill_chunk,
 )
+from edgelmm.backends.onnx.unsigned_int8 import vision_model_source
 from edgelmm.errors import ConfigError
 from edgelmm.spec import check_image_positions
 
@@ -222,7 +223,9 @@ class OnnxBackend:
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
         decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
                                                edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
-        sessions = {"vision": ort.InferenceSession(str(config.vision), session_options(chosen, threads),
+        on_cpu = chosen == ["CPUExecutionProvider"]
+        vision_source = vision_model_source(config.vision, ort_ops.cpu_flags()) if on_cpu else str(config.vision)
+        sessions = {"vision": ort.InferenceSession(vision_source, session_options(chosen, threads),
                                                    providers=chosen) if vision else None,
                     "embedding": ort.InferenceSession(str(config.embedding), session_options(no_trt, threads),
                                                       providers=no_trt),

@@ -42,14 +42,15 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512vnni", "-mfma", "-mf16c")
 
-__all__ = ["DOMAIN", "applies", "cache_row_bytes", "cache_row_elements", "kv_cache", "library", "rewrite_model",
+__all__ = ["DOMAIN", "applies", "cpu_flags", "cache_row_bytes", "cache_row_elements", "kv_cache", "library", "rewrite_model",
            "unavailable_reason"]
 _CACHE_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 INT8_ROW_SCALE_BYTES = 4  # an int8 cache row: head_dim values, then their fp32 scale
 _KV_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "i8": "int8"}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -70,7 +71,7 @@ def unavailable_reason() -> str | None:
         return "turned off by EDGELMM_ORT_OPS"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return f"built for x86-64 Linux only (this is {sys.platform} {platform.machine()})"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     if not _compiler():
