@@ -8,7 +8,7 @@ calibration data, or RTN) and repacked into ``MatMulNBits``; ``bits=16`` keeps t
 The LM head is quantized to ``lm_head_bits`` (RTN, default 8) unless ``--quantize-lm-head`` puts it through
 the main pipeline; the token embedding table is stored in fp16 by quantized exports. The vision tower and
 connector are, by default on CPU, int8 per output channel (``vision_bits=8``: ``DynamicQuantizeMatMul``,
-about 3x faster than fp32 ``MatMul`` on an AVX512-VNNI CPU and a quarter of the memory), GPTQ-quantized
+an int8 GEMM over a quarter of the fp32 weight bytes), GPTQ-quantized
 like the decoder with ``--quantize-vision``, or fp (``vision_bits=16``, the CUDA default). TinyGPT-V's Q-Former
 and projections stay fp (see :func:`vision_int8`).
 """
@@ -61,7 +61,7 @@ def vision_int8(model: nn.Module) -> Int8Channels:
     """Quantize the vision tower's and LLaVA connector's linears to int8 per output channel, in place (the
     model keeps the dequantized weights). TinyGPT-V's Q-Former and projections stay fp: they see 32 query
     tokens (little compute), and per-tensor activation quantization compounds through the Q-Former's twelve
-    post-norm layers (tiny replica: 24% feature error vs 0.9% per linear; EVA alone: 9%)."""
+    post-norm layers (docs/design-measurements.md)."""
     results = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.startswith(INT8_PARTS):

@@ -18,8 +18,7 @@ OPSET = 21  # ONNX domain opset; onnxruntime 1.31 runs up to 23
 IR_VERSION = 10  # what onnxruntime >= 1.20 accepts
 MS_DOMAIN = "com.microsoft"
 # Bytes of initializers above which tensors go to a .data file. Not only protobuf's 2 GB limit: onnxruntime
-# keeps in-protobuf initializers beside its prepacked MatMulNBits copies, while external data it can drop
-# (full-size Phi-2 at 4 bits: 3.55 GB resident after loading with in-protobuf weights, 2.46 GB with .data).
+# keeps in-protobuf initializers beside its prepacked MatMulNBits copies, while external data it can drop.
 EXTERNAL_DATA_LIMIT = 64_000_000
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 

@@ -97,7 +97,7 @@ def measure(job: dict) -> dict:
     from edgelmm.process_memory import peak_rss_bytes
 
     os.environ.setdefault("EDGELMM_THREADS", str(job["threads"]))
-    if uses_torch(job):  # only then: importing torch alone adds ~0.3 GB to a process's peak RSS
+    if uses_torch(job):  # only then: importing torch alone raises a process's peak RSS
         import torch
 
         torch.set_num_threads(job["threads"])

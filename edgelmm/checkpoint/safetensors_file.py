@@ -2,9 +2,8 @@
 
 The format: an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
 byte range, then the raw little-endian data. ``safetensors.safe_open`` memory-maps the whole file, and every
-page it touches counts towards the process's resident memory until the file is closed, so loading a 2.8 GB
-shard into fp32 parameters held the shard's pages beside the parameters (full-size TinyLLaVA-3.1B in fp32:
-peak RSS 14.06 GiB for 11.87 GiB of parameters). Reading each tensor into its own buffer keeps the peak at
+page it touches counts towards the process's resident memory until the file is closed, so loading a shard
+into fp32 parameters holds the shard's pages beside the parameters. Reading each tensor into its own buffer keeps the peak at
 the parameters plus one tensor; the bytes still come from the page cache when the file is warm.
 """
 from __future__ import annotations

@@ -60,8 +60,8 @@ def providers(target: str, device: str | None) -> list[str]:
 @lru_cache(maxsize=1)
 def _shared_cpu_arena() -> bool:
     """Registers, once per process, the CPU arena all of edgelmm's sessions share (onnxruntime's environment
-    allocator), growing by exactly what a run asks for. One arena instead of one per graph, and no doubling
-    growth: Phi-2's 800-token answer (embedding + decoder graphs) peaks 25 MB lower. False when onnxruntime
+    allocator), growing by exactly what a run asks for: one arena instead of one per graph, and no doubling
+    growth, so the graphs reuse each other's freed memory. False when onnxruntime
     refuses (e.g. the application registered its own; then that one is shared)."""
     ort = _ort()
     same_as_requested = 1  # OrtArenaCfg's arena_extend_strategy: 0 next power of two, 1 same as requested
@@ -78,9 +78,8 @@ def session_options(providers: list[str], threads: int | None = None, profile_pr
     """SessionOptions for a session on ``providers``: ``threads`` intra-op threads (default ``EDGELMM_THREADS``
     or onnxruntime's choice), full graph optimization, the shared CPU arena, optional profiling to
     ``profile_prefix``. On CPU alone no memory pattern: from its second run with the same shapes onnxruntime
-    would put all of a graph's activations in one new block beside the arena chunks the first run left (Phi-2:
-    a second 800-token answer +28 MB of peak RSS in the decoder, the second 400-token chunk +10 MB in the
-    embedding graph)."""
+    would put all of a graph's activations in one new block beside the arena chunks the first run left, raising
+    the peak resident set of every repeated prompt."""
     ort = _ort()
     _shared_cpu_arena()
     opts = ort.SessionOptions()
@@ -172,11 +171,9 @@ class MappedPages:
     """This process's mappings of a file onnxruntime mapped its external weights from, whose pages ``release``
     drops from the resident set (madvise MADV_DONTNEED; the page cache keeps them, so reading them again costs
     a minor fault). For the embedding table: a lookup reads a few rows, but the kernel's fault-around maps up
-    to 64 KB of cached file around each, and they stayed resident (Phi-2's 800-token answer: 47-79 MB of the
-    262 MB table, depending on how much of the file the page cache held, for ~8 MB of rows). onnxruntime maps
-    the file private and never writes it, so no page is lost. A one-token lookup then costs 0.05-0.1 ms instead
-    of ~0.02 (its pages fault back in): ~0.1% of a Phi-2 decode step, for a resident set that stays bounded
-    over a long answer. Linux only; elsewhere ``release`` does nothing."""
+    to 64 KB of cached file around each, and they would stay resident. onnxruntime maps the file private and
+    never writes it, so no page is lost; a lookup pays the minor faults of its rows again, in exchange for a
+    resident set that stays bounded over a long answer. Linux only; elsewhere ``release`` does nothing."""
 
     def __init__(self, path: Path):
         self.ranges, self._madvise = [], None

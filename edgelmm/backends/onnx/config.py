@@ -49,8 +49,8 @@ PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 def prefill_chunk() -> int:
     """Most prompt tokens per decoder run, ``EDGELMM_PREFILL_CHUNK`` (default 512; 0: a whole prompt at once).
     Longer prompts run in equal chunks, each attending to the cache the ones before wrote: the prefill's
-    activation memory stops growing with the prompt. Each extra chunk streams the weights once more (~2% of
-    Phi-2's 800-token prefill on CPU: an image prompt in two chunks costs no measurable time)."""
+    activation memory stops growing with the prompt. Each extra chunk streams the weights once more (its cost:
+    docs/design-measurements.md)."""
     value = os.environ.get("EDGELMM_PREFILL_CHUNK", "512").strip()
     if not (value.isascii() and value.isdigit()):
         raise ConfigError(f"EDGELMM_PREFILL_CHUNK must be a token count (0: no chunks), got {value!r}")

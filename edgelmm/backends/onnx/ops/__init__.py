@@ -4,13 +4,11 @@ and ``GroupQueryAttention`` as causal block attention over an fp16, fp32 or int8
 projection before it fused in as ``QkvGroupQueryAttention``: a prompt's q|k|v made a few heads at a time).
 Their scratch comes from onnxruntime's arena, where it reuses memory the graph's activations freed.
 
-onnxruntime's own CPU ``MatMulNBits`` runs its int8 path at ~0.7 TOPS on two Zen 5 cores for any prompt
-length; nbits_kernels.c reaches ~1.4 TOPS on the same GEMMs in a prefill (one core alone: 85-90% of its
-``vpdpbusd`` peak) by packing each 64-column tile's weights into one stream and feeding ``vpdpbusd`` from it
-(4-bit: in an assembly micro-kernel; the GEMV for one token streams each column once). It reads the
-exported ``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy (for the 8-bit LM head,
-131 MB on Phi-2, that copy was onnxruntime's largest allocation besides the cache), and it quantizes
-activations exactly as onnxruntime does (symmetric int8 per row and block): outputs agree to ~2e-7.
+nbits_kernels.c packs each 64-column tile's weights into one stream and feeds ``vpdpbusd`` from it (4-bit: in
+an assembly micro-kernel; the GEMV for one token streams each column once). It reads the exported
+``MatMulNBits`` weights as they are, so onnxruntime keeps no repacked copy of them, and it quantizes
+activations exactly as onnxruntime does (symmetric int8 per row and block), so the outputs agree with
+onnxruntime's kernel to rounding. Its rate beside onnxruntime's: docs/design-measurements.md.
 gqa_kernels.c never computes the masked half of a prompt's attention and, with the fp16 cache, reads half the
 bytes per decode step.
 

@@ -7,9 +7,9 @@
    inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
    and down_N, down_bits, down_block_size. For a prompt, each task makes MLP_TASK_COLUMNS columns of the up
    projection (or a down block, when wider) for every row and quantizes them for the down projection at once:
-   a prompt's [M, N] fp32 buffer becomes [M, N] int8, in one parallel call (chunks of 1024 columns, each made
-   then quantized, took 20 calls and ran ~5% slower). (Adding each task's columns into the down projection's sum as made would drop the int8
-   buffer too, but costs fc2 20%: its [M, down_N] output no longer stays in cache between the K slices.)
+   a prompt's [M, N] fp32 buffer becomes [M, N] int8, in one parallel call rather than one per column chunk.
+   The down projection then runs over the whole int8 buffer, so its [M, down_N] output stays in cache between
+   the K slices.
    Scratch comes from onnxruntime's arena (op_kernel_create). */
 #include "kernels.h"
 #include "nbits_op.h"
@@ -125,8 +125,7 @@ OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Lin
     Work w = {.l = l, .w = wt, .alloc = alloc, .M = M, .q = *q, .ranges = ranges, .count = count, .ldc = ldc};
     for (int r = 0; r < count; r++) w.width += ranges[r].n_end - ranges[r].n_begin;
     if (M > 1) {
-        /* a task per 64-column tile (up to 64): the threads end together (with 8 tasks one waited for the
-           other up to an eighth of the call; a prefill -3%) */
+        /* a task per 64-column tile (up to 64): small tasks, so the threads end together */
         w.tasks = (w.width + 63) / 64 < 64 ? (w.width + 63) / 64 : 64;
         OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
         return status ? status : w.failed ? op_error("edgelmm nbits matmul: out of memory") : 0;

@@ -8,7 +8,7 @@
 #include "kernels.h"
 #include "vec_math.h"
 
-#define MR 3   /* rows x NB 16-column panels per C micro-kernel: 3 x 4 measured best on Zen 5 (of 1-8 x 1-8) */
+#define MR 3   /* rows x NB 16-column panels per C micro-kernel (3 x 4: chosen by measurement) */
 #define NB 4
 #define PANEL_BYTES 32768  /* a 16-column sub-panel's share of a tile's packed K chunk: 4096 k of 4-bit, 2048 of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
@@ -62,8 +62,8 @@ static inline __mmask16 live_columns(int n_end, int n0) {
 /* Pack 16 columns n0.. of a kc-deep K chunk of B (row stride ldb bytes) by 8-k steps, lane j = column n0+j (0
    past n_end), as sub-panel t of a tile: a row of 64 bytes per step (4-bit: a lane's 8 nibbles) or two (8-bit:
    a lane's k0..3, then k4..7), the NB sub-panels' rows interleaved (row i of sub-panel t at (i * NB + t) * 64)
-   so the micro-kernel reads one stream (four streams 32 KB apart ran ~10% slower). 16 dwords of each column at
-   a time, transposed in registers: 3x faster than 16-lane gathers from weights in DRAM. */
+   so the micro-kernel reads one stream instead of four. 16 dwords of each column at a time, transposed in
+   registers (instead of 16-lane gathers). */
 static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, int k0, int kc, int t,
                        uint8_t *panel) {
     const int cols = n_end - n0 < 16 ? n_end - n0 : 16, dwords = kc / 8 * (bits / 4);
@@ -108,7 +108,7 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
     SCALE(S0, "0", OFF0) SCALE(S1, "64", OFF1) SCALE(S2, "128", OFF2) SCALE(S3, "192", OFF3)
 
 /* The micro-kernel's blocks for ASM_ROWS (5) rows of 4-bit weights without zero points, in assembly (GCC's
-   intrinsics version copied sums between registers every step and ran ~20% slower). Rows a + r lda of Aq
+   intrinsics version copied sums between registers every step). Rows a + r lda of Aq
    against a tile's packed panel, over `blocks` blocks of `steps` 8-k steps; zsum and as point at the rows'
    first block (row stride ldb bytes), ws at the blocks' [NB * 16] weight scales. Per block: int32 sums from
    zsum, then accf [5][64] += float(sum) * (weight scale x row scale). Registers: sums zmm0-19 (row r, panel
