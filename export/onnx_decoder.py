@@ -14,7 +14,7 @@ on the first ``rotary_dim`` dims, with ``rotary_dim / 2`` a multiple of 8 and at
 tiny test models) q and k go through ``RotaryEmbedding`` with ``rotary_embedding_dim`` first, at positions
 derived from the attention mask. Only the last position reaches the LM head, so the last layer goes on past
 its attention (o linear, MLP, norms) with that position alone: its keys and values are all the cache needs of
-the others (a prompt's prefill ~2% less work on Phi-2's 32 layers).
+the others (counting operations, a prompt's prefill does about 2% less work on Phi-2's 32 layers).
 """
 from __future__ import annotations
 

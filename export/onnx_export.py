@@ -8,9 +8,9 @@ calibration data, or RTN) and repacked into ``MatMulNBits``; ``bits=16`` keeps t
 The LM head is quantized to ``lm_head_bits`` (RTN, default 8) unless ``--quantize-lm-head`` puts it through
 the main pipeline; the token embedding table is stored in fp16 by quantized exports. The vision tower and
 connector are, by default on CPU, int8 per output channel (``vision_bits=8``: ``DynamicQuantizeMatMul``,
-an int8 GEMM over a quarter of the fp32 weight bytes), GPTQ-quantized
-like the decoder with ``--quantize-vision``, or fp (``vision_bits=16``, the CUDA default). TinyGPT-V's Q-Former
-and projections stay fp (see :func:`vision_int8`).
+an int8 GEMM over a quarter of the fp32 weight bytes), GPTQ-quantized like the decoder with
+``--quantize-vision``, or fp (``vision_bits=16``, the CUDA default). TinyGPT-V's Q-Former and projections stay
+fp (see :func:`vision_int8`).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def vision_int8(model: nn.Module) -> Int8Channels:
     """Quantize the vision tower's and LLaVA connector's linears to int8 per output channel, in place (the
     model keeps the dequantized weights). TinyGPT-V's Q-Former and projections stay fp: they see 32 query
     tokens (little compute), and per-tensor activation quantization compounds through the Q-Former's twelve
-    post-norm layers (docs/design-measurements.md)."""
+    post-norm layers, far more than through any one linear (the errors: docs/design-measurements.md)."""
     results = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.startswith(INT8_PARTS):

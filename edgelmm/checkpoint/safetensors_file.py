@@ -3,8 +3,9 @@
 The format: an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
 byte range, then the raw little-endian data. ``safetensors.safe_open`` memory-maps the whole file, and every
 page it touches counts towards the process's resident memory until the file is closed, so loading a shard
-into fp32 parameters holds the shard's pages beside the parameters. Reading each tensor into its own buffer keeps the peak at
-the parameters plus one tensor; the bytes still come from the page cache when the file is warm.
+into fp32 parameters holds the shard's pages beside the parameters. Reading each tensor into its own buffer
+keeps the peak at the parameters plus one tensor; the bytes still come from the page cache when the file is
+warm.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def providers(target: str, device: str | None) -> list[str]:
 def _shared_cpu_arena() -> bool:
     """Registers, once per process, the CPU arena all of edgelmm's sessions share (onnxruntime's environment
     allocator), growing by exactly what a run asks for: one arena instead of one per graph, and no doubling
-    growth, so the graphs reuse each other's freed memory. False when onnxruntime
+    growth, so the graphs reuse each other's freed memory and the peak stays lower. False when onnxruntime
     refuses (e.g. the application registered its own; then that one is shared)."""
     ort = _ort()
     same_as_requested = 1  # OrtArenaCfg's arena_extend_strategy: 0 next power of two, 1 same as requested

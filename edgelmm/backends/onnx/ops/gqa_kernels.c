@@ -168,7 +168,7 @@ static inline __attribute__((always_inline)) void attend_one(int pos, const int 
 }
 
 #define BLOCK_ROWS 64   /* query rows sharing each transposed key block */
-#define BLOCK_KEYS 64   /* keys per prefill step (chosen by measurement of 32/48/64) */
+#define BLOCK_KEYS 64   /* keys per prefill step: 64 of 32/48/64, chosen by measurement (docs/design-measurements.md) */
 #define SCORE_VECS (BLOCK_KEYS / 16)  /* zmm of scores per row */
 #define GROUP_ROWS 4    /* rows computed together: 16 score and 4 x up to 8 output accumulators */
 
@@ -276,7 +276,8 @@ static inline __attribute__((always_inline)) void attend(int rows, int first_pos
         for (int j0 = 0; j0 <= last_pos; j0 += BLOCK_KEYS) {
             const int nk = last_pos + 1 - j0 < BLOCK_KEYS ? last_pos + 1 - j0 : BLOCK_KEYS;
             transpose_keys(keys, (size_t)j0, nk, head_dim, format, kt);
-            /* int8 values widened once per block, not once per row group */
+            /* int8 values widened to fp32 once per block, not once per row group; fp16 ones are converted as
+               read (both chosen by measurement: docs/design-measurements.md) */
             if (format == CACHE_INT8) widen_values(values, (size_t)j0, nk, head_dim, format, v_buf);
             for (int g = 0; g < nr; g += GROUP_ROWS) {
                 const int live = nr - g < GROUP_ROWS ? nr - g : GROUP_ROWS, first = first_pos + r0 + g;

@@ -9,8 +9,8 @@
    edgelmm.QkvGroupQueryAttention(HalfCache|Int8Cache): the packed q|k|v projection (a MatMulNBits, as
    matmul_op.c) and the attention as one op: inputs x [1, S, K], the projection's B, scales, zero points, g_idx,
    bias, then the attention's past_key .. sin; attributes the attention's and the projection's K, N, bits,
-   block_size. A prompt's q|k|v rows ([S, N] fp32, 12 MB for 400 tokens of Phi-2) are made a few kv heads'
-   columns at a time (QKV_GROUP_BYTES), each group attended as it is made. */
+   block_size. A prompt's q|k|v rows ([S, N] fp32; for Phi-2, N = 7680: 400 tokens x 7680 x 4 bytes = 12 MB)
+   are made a few kv heads' columns at a time (QKV_GROUP_BYTES), each group attended as it is made. */
 #include <math.h>
 #include <string.h>
 

@@ -7,9 +7,10 @@
    inputs A, then up's B, scales, zero points, g_idx, bias, then down's; attributes K, N, bits, block_size (up)
    and down_N, down_bits, down_block_size. For a prompt, each task makes MLP_TASK_COLUMNS columns of the up
    projection (or a down block, when wider) for every row and quantizes them for the down projection at once:
-   a prompt's [M, N] fp32 buffer becomes [M, N] int8, in one parallel call rather than one per column chunk.
-   The down projection then runs over the whole int8 buffer, so its [M, down_N] output stays in cache between
-   the K slices.
+   a prompt's [M, N] fp32 buffer becomes [M, N] int8, in one parallel call rather than one fork and join per
+   column chunk. The down projection then runs over the whole int8 buffer (not added into as each task's
+   columns are made), so its [M, down_N] output stays in cache between the K slices. Both chosen by
+   measurement: docs/design-measurements.md.
    Scratch comes from onnxruntime's arena (op_kernel_create). */
 #include "kernels.h"
 #include "nbits_op.h"
@@ -125,7 +126,8 @@ OrtStatus *multiply_ranges(OrtKernelContext *ctx, OrtAllocator *alloc, const Lin
     Work w = {.l = l, .w = wt, .alloc = alloc, .M = M, .q = *q, .ranges = ranges, .count = count, .ldc = ldc};
     for (int r = 0; r < count; r++) w.width += ranges[r].n_end - ranges[r].n_begin;
     if (M > 1) {
-        /* a task per 64-column tile (up to 64): small tasks, so the threads end together */
+        /* a task per 64-column tile (up to 64): small tasks, so the threads end together and none waits on a
+           last large one */
         w.tasks = (w.width + 63) / 64 < 64 ? (w.width + 63) / 64 : 64;
         OrtStatus *status = op_parallel(ctx, gemm_task, w.tasks, &w);
         return status ? status : w.failed ? op_error("edgelmm nbits matmul: out of memory") : 0;

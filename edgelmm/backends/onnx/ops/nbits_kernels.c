@@ -8,7 +8,8 @@
 #include "kernels.h"
 #include "vec_math.h"
 
-#define MR 3   /* rows x NB 16-column panels per C micro-kernel (3 x 4: chosen by measurement) */
+/* MR rows x NB 16-column panels per C micro-kernel: 3 x 4, chosen by measurement (docs/design-measurements.md) */
+#define MR 3
 #define NB 4
 #define PANEL_BYTES 32768  /* a 16-column sub-panel's share of a tile's packed K chunk: 4096 k of 4-bit, 2048 of 8-bit */
 #define KC_MAX 4096        /* deepest K chunk (4-bit) */
@@ -63,7 +64,7 @@ static inline __mmask16 live_columns(int n_end, int n0) {
    past n_end), as sub-panel t of a tile: a row of 64 bytes per step (4-bit: a lane's 8 nibbles) or two (8-bit:
    a lane's k0..3, then k4..7), the NB sub-panels' rows interleaved (row i of sub-panel t at (i * NB + t) * 64)
    so the micro-kernel reads one stream instead of four. 16 dwords of each column at a time, transposed in
-   registers (instead of 16-lane gathers). */
+   registers, so each column's weights are read as whole lines rather than gathered a lane at a time. */
 static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, int k0, int kc, int t,
                        uint8_t *panel) {
     const int cols = n_end - n0 < 16 ? n_end - n0 : 16, dwords = kc / 8 * (bits / 4);
@@ -107,13 +108,14 @@ static void pack_panel(int bits, const uint8_t *B, int ldb, int n0, int n_end, i
     "vbroadcastss " AS ", %%zmm28\n\t" \
     SCALE(S0, "0", OFF0) SCALE(S1, "64", OFF1) SCALE(S2, "128", OFF2) SCALE(S3, "192", OFF3)
 
-/* The micro-kernel's blocks for ASM_ROWS (5) rows of 4-bit weights without zero points, in assembly (GCC's
-   intrinsics version copied sums between registers every step). Rows a + r lda of Aq
-   against a tile's packed panel, over `blocks` blocks of `steps` 8-k steps; zsum and as point at the rows'
-   first block (row stride ldb bytes), ws at the blocks' [NB * 16] weight scales. Per block: int32 sums from
-   zsum, then accf [5][64] += float(sum) * (weight scale x row scale). Registers: sums zmm0-19 (row r, panel
-   t: 4r + t), nibbles zmm20-27, activations zmm28-29 (then the scale product), 0x0F bytes zmm30. Rows 3 and 4
-   are addressed from a3 = a + 3 lda (and from zs / as + 3 ldb in `left`, free outside the step loop). */
+/* The micro-kernel's blocks for ASM_ROWS (5) rows of 4-bit weights without zero points, in assembly, so the
+   20 sums stay in fixed registers (GCC's intrinsics version copied sums between registers every step). Rows
+   a + r lda of Aq against a tile's packed panel, over `blocks` blocks of `steps` 8-k steps; zsum and as point
+   at the rows' first block (row stride ldb bytes), ws at the blocks' [NB * 16] weight scales. Per block:
+   int32 sums from zsum, then accf [5][64] += float(sum) * (weight scale x row scale). Registers: sums
+   zmm0-19 (row r, panel t: 4r + t), nibbles zmm20-27, activations zmm28-29 (then the scale product), 0x0F
+   bytes zmm30. Rows 3 and 4 are addressed from a3 = a + 3 lda (and from zs / as + 3 ldb in `left`, free
+   outside the step loop). */
 #define ASM_ROWS 5
 _Static_assert(NB == 4 && MR <= ASM_ROWS, "rows5_4bit reads 4 sub-panels (256-byte rows); micro's accf holds MR rows");
 static void rows5_4bit(const uint8_t *panel, const int8_t *a, size_t lda, const int32_t *zsum, const float *as,
