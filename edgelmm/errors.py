@@ -43,3 +43,7 @@ class QuantizationError(EdgeLMMError):
 
 class MemoryBudgetError(EdgeLMMError):
     """The model, at the requested precision and context, cannot fit the given memory budget."""
+
+
+class NonFiniteLogitsError(CheckpointError):
+    """The model computed NaN or infinite logits: its weights or config numbers are damaged."""

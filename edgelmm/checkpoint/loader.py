@@ -2,6 +2,7 @@
 shape checks and dtype casts into a model built on the meta device."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ class WeightFiles:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no weight_map; the file is damaged, download it again")
-            self.file_of = {k: folder / v for k, v in weight_map.items()}
+            self.file_of = {k: _shard_path(index, v) for k, v in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
             self.file_of = self._all_keys(folder / "model.safetensors")
         elif (folder / "pytorch_model.bin").is_file():
@@ -47,9 +48,15 @@ class WeightFiles:
                 self._open[path] = SafetensorsFile(path)
             else:
                 try:
-                    self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except (RuntimeError, OSError, EOFError, ValueError) as e:
-                    raise CheckpointError(f"{path} is truncated or corrupt ({e}); download it again") from None
+                    tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise CheckpointError(f"{path} is truncated, corrupt or not a plain tensor file ({reason}); "
+                                          "download it again") from None
+                if not isinstance(tensors, dict):
+                    raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a table of tensors; "
+                                          "download it again")
+                self._open[path] = tensors
         return self._open[path]
 
     def keys(self):
@@ -61,21 +68,34 @@ class WeightFiles:
         if isinstance(handle, SafetensorsFile):
             handle.close()
 
+    def _tensor_of(self, key: str) -> torch.Tensor:
+        """``key`` from a ``pytorch_model.bin`` (loaded whole, memory-mapped)."""
+        handle = self._handle(self.file_of[key])
+        value = handle.get(key) if isinstance(handle, dict) else None
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{key} is listed for {self.file_of[key].name} but not in it as a tensor; "
+                                  "download it again")
+        return value
+
     def shape(self, key: str) -> tuple[int, ...]:
         handle = self._handle(self.file_of[key])
-        return tuple(handle[key].shape) if isinstance(handle, dict) else handle.shape(key)
+        return handle.shape(key) if isinstance(handle, SafetensorsFile) else tuple(self._tensor_of(key).shape)
 
     def dtype(self, key: str) -> torch.dtype:
         handle = self._handle(self.file_of[key])
-        return handle[key].dtype if isinstance(handle, dict) else handle.dtype(key)
+        return handle.dtype(key) if isinstance(handle, SafetensorsFile) else self._tensor_of(key).dtype
 
     def get(self, key: str) -> torch.Tensor:
         handle = self._handle(self.file_of[key])
-        try:
-            return handle[key] if isinstance(handle, dict) else handle.get(key)
-        except KeyError:
-            raise CheckpointError(f"{key} is listed for {self.file_of[key].name} but not in it; "
-                                  "download it again") from None
+        return handle.get(key) if isinstance(handle, SafetensorsFile) else self._tensor_of(key)
+
+
+def _shard_path(index: Path, name) -> Path:
+    """The shard ``name`` an index lists, which must be a plain file name inside the index's folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index} lists the shard {name!r}, which is not a file inside its folder; "
+                              "the index is damaged, download it again")
+    return index.parent / name
 
 
 def map_key(key: str, rules: KeyRules) -> str | None:
@@ -107,6 +127,10 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
                     f"{key} in {files.file_of[key].name} has shape {files.shape(key)}, but config.json implies "
                     f"{want}; the config and the weights belong to different models")
             tensor = files.get(key)
+            if params[name].is_floating_point() != tensor.is_floating_point():
+                kind = "a floating-point" if params[name].is_floating_point() else "an integer"
+                raise CheckpointError(f"{key} in {files.file_of[key].name} is stored as {tensor.dtype}, but it is "
+                                      f"{kind} tensor; the file is damaged, download it again")
             _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
             loaded.add(name)
         if previous is not None:
@@ -119,6 +143,26 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
                               "a shard may be missing or the folder belongs to another model")
+
+
+def check_layer_count(prefix: str, count: int, sources: list[tuple[WeightFiles, KeyRules]],
+                      exact: bool = True) -> None:
+    """CheckpointError unless the checkpoint's layers under ``prefix`` (edgelmm names, e.g. ``"text.layers."``)
+    number ``count`` (with ``exact=False``: at least ``count``, an unused tail being fine). Checked before the
+    model is built: layers the config drops would be lost without a word, and layers it invents would be
+    built (at any count) only to be reported missing."""
+    found = set()
+    for files, rules in sources:
+        for key in files.file_of:
+            name = map_key(key, rules) or ""
+            index = name[len(prefix):].split(".")[0] if name.startswith(prefix) else ""
+            if index.isdigit():
+                found.add(int(index))
+    stored = max(found) + 1 if found else 0
+    if stored < count or (exact and stored > count):
+        kind = "decoder" if prefix.startswith("text.") else "vision tower"
+        raise CheckpointError(f"the config says {count} {kind} layers but the checkpoint holds {stored}; the config "
+                              "and the weights belong to different models")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -10,17 +10,23 @@ warm.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
 
+from edgelmm.checkpoint.json_file import json_type
 from edgelmm.errors import CheckpointError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _MAX_HEADER = 100 << 20  # the format's own limit is 100 MB
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SafetensorsFile:
@@ -51,6 +57,8 @@ class SafetensorsFile:
             header = json.loads(self._file.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise self._damaged(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._damaged(f"header is a JSON {json_type(header)}, not an object")
         start, entries = 8 + length, {}
         for key, info in header.items():
             if key == "__metadata__":
@@ -59,7 +67,9 @@ class SafetensorsFile:
                 dtype, shape, (begin, end) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._damaged(f"bad header entry for {key}") from None
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            if not all(_is_count(n) for n in (*shape, begin, end)):
+                raise self._damaged(f"{key}'s shape or data_offsets are not non-negative integers")
+            nbytes = dtype.itemsize * math.prod(shape)
             if not 0 <= begin <= end or end - begin != nbytes or start + end > size:
                 raise self._damaged(f"{key}'s bytes lie outside the file")
             entries[key] = (dtype, shape, start + begin, nbytes)
@@ -68,15 +78,22 @@ class SafetensorsFile:
     def keys(self):
         return self._entries.keys()
 
+    def _entry(self, key: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise CheckpointError(f"{key} is not in {self.path} (an index or the file itself is damaged); "
+                                  "download it again") from None
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
+        return self._entry(key)[1]
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][0]
+        return self._entry(key)[0]
 
     def get(self, key: str) -> torch.Tensor:
-        """A new tensor holding ``key`` (KeyError when absent)."""
-        dtype, shape, offset, nbytes = self._entries[key]
+        """A new tensor holding ``key`` (CheckpointError when absent)."""
+        dtype, shape, offset, nbytes = self._entry(key)
         out = torch.empty(shape, dtype=dtype)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, written in place
         self._file.seek(offset)

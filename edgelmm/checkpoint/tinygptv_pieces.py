@@ -99,7 +99,9 @@ def read_pth(path: Path, what: str) -> dict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot read {what} {path} ({type(e).__name__}: {e}); download it again") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read {what} {path} ({type(e).__name__}: {reason}); it is damaged or not a "
+                              "plain tensor file, download it again") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a state dict")
     return obj
