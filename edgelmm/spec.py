@@ -31,6 +31,14 @@ class ModelSpec:
     vision_key_rules: KeyRules = field(default_factory=tuple)
     context_length: int = 2048
 
+    def __post_init__(self):
+        if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 1:
+            raise ConfigError(f"the context length {self.context_length!r} (tokenizer_model_max_length / "
+                              "max_position_embeddings) is not a positive integer; the config is damaged")
+        if self.image_token_id is not None and (isinstance(self.image_token_id, bool)
+                                                or not isinstance(self.image_token_id, int)):
+            raise ConfigError(f"image_token_index {self.image_token_id!r} is not an integer; the config is damaged")
+
     @property
     def image_ids(self) -> tuple[int, ...]:
         """The ids marking image positions in prompt ids: LLaVA's placeholder, plus HF Llava's image token."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgelmm.errors import UnsupportedModelError
+from edgelmm.errors import ConfigError, EdgeLMMError, UnsupportedModelError
 from edgelmm.families.factory import parse_factory
 from edgelmm.families.legacy import parse_legacy
 from edgelmm.families.llava_hf import parse_llava_hf
@@ -14,7 +14,18 @@ from edgelmm.spec import ModelSpec
 
 
 def detect(cfg: dict, folder: Path, weight_keys, vision_tower: str | Path | None = None) -> ModelSpec:
-    """Build the ModelSpec for a checkpoint folder from its config.json (docs/model-formats.md §7.1)."""
+    """Build the ModelSpec for a checkpoint folder from its config.json (docs/model-formats.md §7.1).
+    A value of the wrong JSON type that no specific check names is a ConfigError naming the file."""
+    try:
+        return _detect(cfg, folder, weight_keys, vision_tower)
+    except EdgeLMMError:
+        raise
+    except (TypeError, AttributeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{folder / 'config.json'} has a value of the wrong type ({type(e).__name__}: {e}); "
+                          "the config is damaged, download it again") from None
+
+
+def _detect(cfg: dict, folder: Path, weight_keys, vision_tower: str | Path | None) -> ModelSpec:
     kind = cfg.get("model_type")
     if kind == "tinyllava":
         return parse_factory(cfg, folder)

@@ -2,10 +2,10 @@
 preprocessing a checkpoint ships, and the connector check."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from edgelmm.errors import UnsupportedModelError
+from edgelmm.checkpoint.json_file import read_json
+from edgelmm.errors import ConfigError, UnsupportedModelError
 from edgelmm.processing.image import ImageSpec
 from edgelmm.spec import KeyRules
 
@@ -21,6 +21,14 @@ def vision_rules(ckpt_prefix: str) -> KeyRules:
 
 def mlp2x_rules(ckpt_prefix: str) -> KeyRules:
     return ((ckpt_prefix + "0.", "projector.linear_1."), (ckpt_prefix + "2.", "projector.linear_2."))
+
+
+def section(cfg: dict, key: str, where: str = "config.json") -> dict:
+    """``cfg[key]`` (a nested config object; ``{}`` when absent); ConfigError when it is not an object."""
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} in {where} is {value!r}, not an object; the config is damaged")
+    return value
 
 
 def text_arch(model_type: str | None, name_hint: str = "") -> str:
@@ -47,7 +55,7 @@ def image_spec(arch: str, size: int, pad: bool, folder: Path) -> ImageSpec:
     """The checkpoint's preprocessor_config.json when it ships one, else the tower's stock processor."""
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        return ImageSpec.from_preprocessor_config(json.loads(pre.read_text()), pad=pad)
+        return ImageSpec.from_preprocessor_config(read_json(pre), pad=pad)
     return ImageSpec.siglip(size=size, pad=pad) if arch == "siglip" else ImageSpec.clip(size=size, pad=pad)
 
 

@@ -9,6 +9,7 @@ from edgelmm.families.common import (
     check_connector,
     image_spec,
     mlp2x_rules,
+    section,
     text_arch,
     vision_arch,
     vision_rules,
@@ -18,9 +19,9 @@ from edgelmm.spec import ModelSpec
 
 def parse_factory(cfg: dict, folder: Path) -> ModelSpec:
     """TinyLLaVA Factory (``model_type: tinyllava``): nested text/vision configs; drops token 0 even for SigLIP."""
-    text_cfg = cfg.get("text_config") or {}
+    text_cfg = section(cfg, "text_config")
     arch = text_arch(text_cfg.get("model_type"), cfg.get("llm_model_name_or_path", ""))
-    vcfg = cfg.get("vision_config") or {}
+    vcfg = section(cfg, "vision_config")
     varch = vision_arch(vcfg.get("model_type"), cfg.get("vision_model_name_or_path", ""))
     check_connector(cfg.get("connector_type", "mlp2x_gelu"))
     strategy = cfg.get("vision_feature_select_strategy", "patch")

@@ -2,12 +2,12 @@
 vision tower is a separate checkpoint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from edgelmm.checkpoint.json_file import read_json
 from edgelmm.config import TextConfig, VisionConfig
 from edgelmm.errors import CheckpointError
-from edgelmm.families.common import check_connector, image_spec, mlp2x_rules, vision_arch, vision_rules
+from edgelmm.families.common import check_connector, image_spec, mlp2x_rules, section, vision_arch, vision_rules
 from edgelmm.spec import ModelSpec
 
 
@@ -33,8 +33,8 @@ def parse_legacy(cfg: dict, folder: Path, vision_tower: str | Path | None) -> Mo
         raise CheckpointError(
             f"legacy TinyLLaVA loads its vision tower from {name!r}, which is not on this machine. Put that "
             f"checkpoint in a folder next to {folder} (named {name.split('/')[-1]!r}) or pass vision_tower=PATH.")
-    vcfg = json.loads((tower / "config.json").read_text())
-    vcfg = vcfg.get("vision_config", vcfg)
+    vcfg = read_json(tower / "config.json")
+    vcfg = section(vcfg, "vision_config", str(tower / "config.json")) or vcfg
     varch = vision_arch(vcfg.get("model_type"), name)
     check_connector(cfg.get("mm_projector_type", "linear"))
     vision = VisionConfig.from_hf(vcfg, varch, cfg.get("mm_vision_select_layer", -2), varch == "clip")

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgelmm.config import TextConfig, VisionConfig
-from edgelmm.families.common import image_spec, text_arch, vision_arch, vision_rules
+from edgelmm.families.common import image_spec, section, text_arch, vision_arch, vision_rules
 from edgelmm.spec import ModelSpec
 
 
 def parse_llava_hf(cfg: dict, folder: Path, new_layout: bool) -> ModelSpec:
     """HF ``LlavaForConditionalGeneration`` (llava-gemma-2b, tiny-llava-v1-hf), old or new key layout."""
-    text_cfg, vcfg = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    text_cfg, vcfg = section(cfg, "text_config"), section(cfg, "vision_config")
     arch = text_arch(text_cfg.get("model_type"))
     varch = vision_arch(vcfg.get("model_type"))
     drop = cfg.get("vision_feature_select_strategy", "default") == "default"

@@ -9,6 +9,7 @@ from edgelmm.families.common import (
     check_connector,
     image_spec,
     mlp2x_rules,
+    section,
     vision_arch,
     vision_rules,
 )
@@ -19,8 +20,8 @@ def parse_mipha(cfg: dict, folder: Path) -> ModelSpec:
     """Mipha (``mipha_phi`` / ``mipha_gemma``): flat LLM config, nested vision_config {vision_tower,
     mm_projector}; fine-tuned SigLIP from the checkpoint, all 729 tokens, pad-to-square."""
     arch = "gemma" if cfg["model_type"] == "mipha_gemma" else "phi"
-    nested = cfg.get("vision_config") or {}
-    vcfg, proj = nested.get("vision_tower") or {}, nested.get("mm_projector") or {}
+    nested = section(cfg, "vision_config")
+    vcfg, proj = section(nested, "vision_tower"), section(nested, "mm_projector")
     varch = vision_arch(vcfg.get("model_type"), vcfg.get("vision_model_name_or_path", ""))
     check_connector(proj.get("mm_projector_type", "mlp2x_gelu"))
     drop = varch == "clip" and vcfg.get("mm_vision_select_feature", "patch") == "patch"
