@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from edgelmm.backends.onnx.config import (
     prefill_chunk,
 )
 from edgelmm.backends.onnx.unsigned_int8 import vision_model_source
-from edgelmm.errors import ConfigError
+from edgelmm.checkpoint.finite import require_finite
+from edgelmm.errors import CheckpointError, ConfigError, EdgeLMMError
 from edgelmm.spec import check_image_positions
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -117,6 +120,20 @@ def decoder_session(path: Path, providers: list[str], threads: int | None = None
             print(f"edgelmm: edgelmm's CPU ops did not load, using onnxruntime's kernels ({e})", file=sys.stderr)
     return ort.InferenceSession(str(path), session_options(providers, threads, profile_prefix),
                                 providers=providers), False
+
+
+@contextmanager
+def damaged_graph(path: Path) -> Iterator[None]:
+    """Turn a failure to open the graph ``path`` (truncated or corrupt ``.onnx`` or ``.onnx.data``: onnxruntime's
+    InvalidProtobuf, onnx's DecodeError, a missing data file) into a CheckpointError naming it."""
+    try:
+        yield
+    except (EdgeLMMError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's and onnx's errors share no base class but Exception
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} (or its .data file) is truncated or corrupt ({reason}); "
+                              "export the model again") from None
 
 
 class KVDecoder:
@@ -218,15 +235,19 @@ class OnnxBackend:
         config = OnnxConfig.read(folder)
         chosen = providers(config.target, device)
         no_trt = [p for p in chosen if p != "TensorrtExecutionProvider"]
-        decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
-                                               edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
+        with damaged_graph(config.decoder):
+            decoder, edgelmm_ops = decoder_session(config.decoder, no_trt, threads,
+                                                   edgelmm_ops=ort_ops.applies(config.target, config.io_dtype))
         on_cpu = chosen == ["CPUExecutionProvider"]
-        vision_source = vision_model_source(config.vision, ort_ops.cpu_flags()) if on_cpu else str(config.vision)
-        sessions = {"vision": ort.InferenceSession(vision_source, session_options(chosen, threads),
-                                                   providers=chosen) if vision else None,
-                    "embedding": ort.InferenceSession(str(config.embedding), session_options(no_trt, threads),
-                                                      providers=no_trt),
-                    "decoder": decoder}
+        vision_session = None
+        if vision:
+            with damaged_graph(config.vision):
+                source = vision_model_source(config.vision, ort_ops.cpu_flags()) if on_cpu else str(config.vision)
+                vision_session = ort.InferenceSession(source, session_options(chosen, threads), providers=chosen)
+        with damaged_graph(config.embedding):
+            embedding = ort.InferenceSession(str(config.embedding), session_options(no_trt, threads),
+                                             providers=no_trt)
+        sessions = {"vision": vision_session, "embedding": embedding, "decoder": decoder}
         device_type = "cuda" if "CUDAExecutionProvider" in sessions["decoder"].get_providers() else "cpu"
         limit = min(context_length or config.context_length, config.context_length)
         return cls(config, sessions, device_type, limit, "edgelmm" if edgelmm_ops else "onnxruntime")
@@ -262,8 +283,9 @@ class OnnxBackend:
             first, last = images_before[start], images_before[end]  # the chunk's image features
             return self._embed(ids[start:end], features[:, first:last] if last > first else self.no_image)
 
-        return self.decoder.prefill(len(ids), embed)
+        return require_finite(self.decoder.prefill(len(ids), embed), "prefill")
 
     def decode(self, token: int, position: int) -> np.ndarray:
         """Feed ``token`` at ``position`` (the cache holds positions 0..position-1); logits [V]."""
-        return self.decoder.run(self._embed([token], self.no_image), position + 1)
+        return require_finite(self.decoder.run(self._embed([token], self.no_image), position + 1),
+                              f"decode at position {position}")

@@ -35,12 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgelmm.config import EvaConfig, EvaQFormerConfig, QFormerConfig, TextConfig, VisionConfig
-from edgelmm.errors import CheckpointError, ConfigError
+from edgelmm.errors import CheckpointError, ConfigError, EdgeLMMError
 from edgelmm.families.tinygptv import TINYGPTV_FAMILY, tinygptv_spec
 from edgelmm.processing.image import ImageSpec
 from edgelmm.spec import ModelSpec
 
 CONFIG_NAME = "genai_config.json"
+IO_DTYPES = ("float32", "float16")
 VISION_FILE, EMBEDDING_FILE, DECODER_FILE = "vision.onnx", "embedding.onnx", "decoder.onnx"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -133,16 +134,34 @@ class OnnxConfig:
         try:
             cfg = json.loads(path.read_text())
             model, ours = cfg["model"], cfg["edgelmm"]
-            return cls(spec=spec_from_dict(ours["spec"]), vision=path.parent / model["vision"]["filename"],
+            config = cls(spec=spec_from_dict(ours["spec"]), vision=path.parent / model["vision"]["filename"],
                        embedding=path.parent / model["embedding"]["filename"],
                        decoder=path.parent / model["decoder"]["filename"], target=ours["target"],
                        io_dtype=ours["io_dtype"], context_length=int(model["context_length"]),
                        image_token_ids=tuple(model["embedding"]["image_token_ids"]),
                        quantization=ours.get("quantization", {}))
+        except EdgeLMMError:  # a spec value the config checks refuse, named by them
+            raise
         except FileNotFoundError:
             raise CheckpointError(f"{path} not found; is {folder} an `edgelmm export --format onnx` folder?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError,
+                OverflowError) as e:
             raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); export the model again") from None
+        config.check(path)
+        return config
+
+    def check(self, path: Path) -> None:
+        """CheckpointError naming ``path`` when a setting has a value no export writes."""
+        ids_ok = all(isinstance(i, int) and not isinstance(i, bool) for i in self.image_token_ids)
+        problems = {"target": self.target not in ("cpu", "cuda"), "io_dtype": self.io_dtype not in IO_DTYPES,
+                    "context_length": self.context_length < 1, "image_token_ids": not ids_ok,
+                    "quantization": not isinstance(self.quantization, dict)}
+        for graph in ("vision", "embedding", "decoder"):  # graph files must lie in the export's folder
+            problems[graph] = getattr(self, graph).parent != path.parent
+        bad = next((name for name, wrong in problems.items() if wrong), None)
+        if bad is not None:
+            raise CheckpointError(f"{path} has {bad} {getattr(self, bad)!r}, which no export writes; the file is "
+                                  "damaged, export the model again")
 
 
 def external_data_path(graph: Path) -> Path:

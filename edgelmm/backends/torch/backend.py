@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgelmm.backends.torch.gptq import GPTQSettings, read_gptq_config, use_quant_linears
+from edgelmm.backends.torch.gptq import GPTQSettings, check_quant_linears, read_gptq_config, use_quant_linears
+from edgelmm.checkpoint.finite import require_finite
 from edgelmm.checkpoint.json_file import read_json
-from edgelmm.checkpoint.loader import WeightFiles, load_into
+from edgelmm.checkpoint.loader import WeightFiles, check_layer_count, load_into
 from edgelmm.errors import ConfigError
 from edgelmm.families import detect
 from edgelmm.models.kv_cache import KVCache
@@ -54,17 +55,21 @@ class TorchBackend:
         embed_key = next((k for k in files.keys() if k.endswith("embed_tokens.weight")), None)
         if embed_key:  # the real vocabulary size is the embedding's row count, not the config's
             spec.text.vocab_size = files.shape(embed_key)[0]
+        sources = [(files, spec.key_rules)]
+        if spec.vision_dir is not None:
+            sources.append((WeightFiles(spec.vision_dir), spec.vision_key_rules))
+        check_layer_count("text.layers.", spec.text.num_layers, sources)
+        check_layer_count("vision.layers.", spec.vision.num_layers, sources, exact=False)
         with torch.device("meta"):
             model = VLM(spec)
         gptq = read_gptq_config(folder, cfg)
         if max_memory is not None:
             check_budget(model, spec, dtype, context_length, max_memory, gptq)
-        sources = [(files, spec.key_rules)]
-        if spec.vision_dir is not None:
-            sources.append((WeightFiles(spec.vision_dir), spec.vision_key_rules))
         if gptq is not None:  # quantized linears become QuantLinear before their buffers are loaded
             use_quant_linears(model, sources, gptq, device)
         load_into(model, sources, dtype, device)
+        if gptq is not None:
+            check_quant_linears(model, gptq)
         return cls.ready(model, context_length, dtype, device)
 
     @classmethod
@@ -92,12 +97,13 @@ class TorchBackend:
     @torch.inference_mode()
     def prefill(self, ids: list[int], features: torch.Tensor) -> np.ndarray:
         embeds = self.model.splice(torch.tensor([ids], device=self.device), features)  # (1, T, D)
-        return self.model.text(embeds, self.cache, start=0)[0, -1].cpu().numpy()
+        return require_finite(self.model.text(embeds, self.cache, start=0)[0, -1].cpu().numpy(), "prefill")
 
     @torch.inference_mode()
     def decode(self, token: int, position: int) -> np.ndarray:
         ids = torch.tensor([[token]], device=self.device)  # (1, 1)
-        return self.model.text(self.model.text.embed(ids), self.cache, start=position)[0, -1].cpu().numpy()
+        logits = self.model.text(self.model.text.embed(ids), self.cache, start=position)[0, -1].cpu().numpy()  # [V]
+        return require_finite(logits, f"decode at position {position}")
 
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int], features: torch.Tensor) -> torch.Tensor:

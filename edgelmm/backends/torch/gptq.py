@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgelmm.checkpoint.gptq_format import CHECKPOINT_FORMATS, SUPPORTED_BITS, default_g_idx
+from edgelmm.checkpoint.gptq_format import CHECKPOINT_FORMATS, SUPPORTED_BITS, default_g_idx, unpack_qzeros
 from edgelmm.checkpoint.json_file import read_json
 from edgelmm.checkpoint.loader import WeightFiles, map_key
 from edgelmm.errors import CheckpointError, UnsupportedModelError
@@ -30,6 +30,7 @@ class GPTQSettings:
     bits: int
     group_size: int
     checkpoint_format: str  # "gptq" (v1: qzeros store zero - 1) or "gptq_v2"
+    sym: bool | None = None  # symmetric (every zero 2^(bits-1)); None when the config does not say
 
 
 def read_gptq_config(folder: Path, cfg: dict) -> GPTQSettings | None:
@@ -42,19 +43,52 @@ def read_gptq_config(folder: Path, cfg: dict) -> GPTQSettings | None:
         qc = {"quant_method": "gptq", **read_json(Path(folder) / "quantize_config.json")}
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"quantization_config in {folder}/config.json is {qc!r}, not an object; the config is "
+                              "damaged")
     method = qc.get("quant_method") or qc.get("method")
     if method != "gptq":
         raise UnsupportedModelError(f"{folder} is quantized with {method!r}; edgelmm loads GPTQ checkpoints "
                                     "(quant_method 'gptq') and unquantized ones")
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
-    if fmt not in CHECKPOINT_FORMATS or bits not in SUPPORTED_BITS:
+    if fmt not in CHECKPOINT_FORMATS or isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise UnsupportedModelError(f"GPTQ checkpoint_format {fmt!r} with {bits} bits is not supported; edgelmm "
                                     f"reads formats {CHECKPOINT_FORMATS} at {SUPPORTED_BITS} bits")
-    overrides = [k for k in (qc.get("dynamic") or {}) if not k.startswith("-:")]
+    if group_size != -1 and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        raise CheckpointError(f"GPTQ group_size {group_size!r} in {folder} is not a positive integer or -1; the "
+                              "config is damaged")
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise CheckpointError(f"GPTQ 'dynamic' in {folder} is {dynamic!r}, not an object; the config is damaged")
+    overrides = [k for k in dynamic if not k.startswith("-:")]
     if overrides:
         raise UnsupportedModelError(f"per-module GPTQ overrides ('dynamic': {overrides}) are not supported")
-    return GPTQSettings(bits, group_size, fmt)
+    sym = qc.get("sym")
+    return GPTQSettings(bits, group_size, fmt, sym if isinstance(sym, bool) else None)
+
+
+def check_quant_linears(model: nn.Module, settings: GPTQSettings) -> None:
+    """CheckpointError naming the first loaded ``QuantLinear`` whose ``g_idx`` indexes a group it lacks, or,
+    in a symmetric checkpoint, whose zero points are not ``2^(bits-1)`` (a v1 file labelled ``gptq_v2``
+    reads every zero one too low, and the reverse one too high)."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        groups = layer.scales.shape[0]
+        g_idx = layer.g_idx
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise CheckpointError(f"{name}.g_idx holds groups [{int(g_idx.min())}, {int(g_idx.max())}] but the "
+                                  f"layer has {groups}; the checkpoint is damaged, download it again")
+        if settings.sym:
+            zeros = unpack_qzeros(layer.qzeros, settings.bits, settings.checkpoint_format)  # [G, N]
+            want = 2 ** (settings.bits - 1)
+            if bool((zeros != want).any()):
+                found = sorted({int(z) for z in zeros.unique()[:4]})
+                raise CheckpointError(
+                    f"{name}.qzeros read as {found} under checkpoint_format {settings.checkpoint_format!r}, but a "
+                    f"symmetric {settings.bits}-bit checkpoint's zeros are all {want}: the format label is wrong "
+                    "(gptq stores zero - 1, gptq_v2 the zero itself) or the file is damaged")
 
 
 def use_quant_linears(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], settings: GPTQSettings,
