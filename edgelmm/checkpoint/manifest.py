@@ -9,7 +9,9 @@ keyed by the path relative to the folder with ``/`` separators::
      "files": {"config.json": "<sha256 hex>", "model-00001-of-00002.safetensors": "...", ...}}
 
 Loading verifies every listed file and raises :class:`ChecksumError` naming the first damaged or missing
-one. Folders without a manifest (checkpoints written by other tools) are not checked. Torch-free.
+one, or a file edgelmm may read that the manifest does not list. Folders without a manifest (checkpoints
+written by other tools) are not checked; one that an edgelmm export wrote (or its ``.OUT.partial-*`` staging
+folder) without the manifest, which is written last, is refused. Torch-free.
 
 A file whose sha256 was checked once is not hashed again while its size, modification and status-change times,
 inode and device are unchanged (git's index does the same; the status-change time cannot be set back, so a
@@ -24,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from stat import S_ISREG
 
 from edgelmm.errors import CheckpointError, ChecksumError
@@ -35,6 +37,7 @@ FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 VERIFIED = "verified.json"
 _RACY_SECONDS = 2.0
+READ_SUFFIXES = {".safetensors", ".bin", ".pth", ".pt", ".onnx", ".data", ".json", ".model", ".txt", ".tiktoken"}
 
 
 def sha256_file(path: Path) -> str:
@@ -63,6 +66,35 @@ def write_manifest(folder: Path, info: dict) -> Path:
     return path
 
 
+def _inside(name: str) -> bool:
+    """Whether a manifest entry names a path inside the folder (relative, no ``..``)."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not name.startswith(("/", "\\")) and ".." not in parts and ":" not in parts[0]
+
+
+def looks_like_export(folder: Path) -> bool:
+    """Whether ``folder`` was written by an edgelmm export (or is one's staging folder): a ``.OUT.partial-*``
+    name, an ONNX ``genai_config.json``, or a GPTQ ``quantization_config`` whose quantizer is edgelmm."""
+    if ".partial-" in folder.name or (folder / "genai_config.json").is_file():
+        return True
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        quantizers = cfg["quantization_config"]["meta"]["quantizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(quantizers, list) and any(str(q).startswith("edgelmm:") for q in quantizers)
+
+
+def check_covered(folder: Path, manifest: dict) -> None:
+    """ChecksumError naming the first file edgelmm may read (weights, graphs, JSON, tokenizer files) that is
+    in ``folder`` but not in the manifest: an unlisted file would load unchecked."""
+    listed = set(manifest["files"])
+    for name in _files(folder):
+        if PurePosixPath(name).suffix in READ_SUFFIXES and name not in listed:
+            raise ChecksumError(f"{name} in {folder} is not listed in {MANIFEST}, so its checksum cannot be "
+                                "checked; remove it or export the model again")
+
+
 def read_manifest(folder: Path) -> dict | None:
     """The parsed manifest of ``folder``, or None when it has none."""
     path = Path(folder) / MANIFEST
@@ -74,7 +106,14 @@ def read_manifest(folder: Path) -> dict | None:
         raise ChecksumError(f"{path} is damaged ({e}); export the model again") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ChecksumError(f"{path} has no 'files' table; export the model again")
-    if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+    for name, digest in manifest["files"].items():
+        if not _inside(name) or not isinstance(digest, str):
+            raise ChecksumError(f"{path} lists {name!r}: {digest!r}, not a file inside the folder and its sha256; "
+                                "export the model again")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ChecksumError(f"{path} has format_version {version!r}, not an integer; export the model again")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {manifest['format_version']}, newer than this "
                               f"edgelmm understands ({FORMAT_VERSION}); upgrade edgelmm")
     return manifest
@@ -129,7 +168,11 @@ def verify_manifest(folder: Path) -> dict | None:
     folder = Path(folder).resolve()
     manifest = read_manifest(folder)
     if manifest is None:
+        if looks_like_export(folder):
+            raise CheckpointError(f"{folder} is an edgelmm export without its {MANIFEST}, which an export writes "
+                                  "last: the export was interrupted; export the model again")
         return None
+    check_covered(folder, manifest)
     verified = VerifiedFiles(cache_root() / VERIFIED)
     full = os.environ.get("EDGELMM_VERIFY") == "full"
     for name, expected in sorted(manifest["files"].items()):
