@@ -109,6 +109,23 @@ def library() -> Path | None:
     return None if unavailable_reason() else _build()
 
 
+def _sha256_path(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library_path: Path) -> bool:
+    """Whether a cached library exists and still has the sha256 recorded beside it when it was built (a
+    truncated or replaced file is built again)."""
+    try:
+        return _sha256_path(library_path).read_text().strip() == _sha256(library_path)
+    except OSError:
+        return False
+
+
 @lru_cache(maxsize=1)
 def _build() -> Path | None:
     here = Path(__file__).parent
@@ -118,7 +135,7 @@ def _build() -> Path | None:
         sources = "\0".join((here / s).read_text() for s in SOURCES + HEADERS)
         digest = hashlib.sha256("\0".join([*CFLAGS, version, sources]).encode()).hexdigest()[:16]
         target = cache_root() / "ort_ops" / f"libedgelmm_ort_ops-{digest}.so"
-        if target.exists():
+        if _intact(target):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"edgelmm: building edgelmm's CPU ops once into {target.parent} (about 10 s)", file=sys.stderr,
@@ -129,6 +146,8 @@ def _build() -> Path | None:
                                     capture_output=True, text=True, check=False)
             if result.returncode:
                 raise OSError(f"{cc}: {result.stderr.strip()[-500:]}")
+            _sha256_path(built).write_text(_sha256(built))
+            os.replace(_sha256_path(built), _sha256_path(target))
             os.replace(built, target)
         return target
     except OSError as e:
