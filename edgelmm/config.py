@@ -172,6 +172,7 @@ class VisionConfig:
     norm_eps: float
     hidden_act: str
     drop_first_token: bool
+    config_layers: int | None = None  # the tower's num_hidden_layers (None: not known, e.g. an older export)
 
     def __post_init__(self):
         if self.arch not in VISION_ARCHS:
@@ -219,6 +220,7 @@ class VisionConfig:
             norm_eps=_positive("vision layer_norm_eps", cfg.get("layer_norm_eps", 1e-5 if arch == "clip" else 1e-6)),
             hidden_act=cfg.get("hidden_act", default_act),
             drop_first_token=drop_first_token,
+            config_layers=total,
         )
 
 

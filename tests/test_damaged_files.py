@@ -295,6 +295,19 @@ def test_fewer_layers_in_config_than_in_the_checkpoint(copy):
         EdgeLMM.load(folder)
 
 
+@pytest.mark.parametrize("layers,says", [(2, "says 2 vision tower layers but the checkpoint holds 3"),
+                                         (9, "needs 8 vision tower layers but the checkpoint holds 3")])
+def test_vision_layers_inconsistent_with_the_checkpoint(copy, layers, says):
+    folder = copy()  # its tower: 3 layers, features from the second to last (-2)
+
+    def change(cfg):
+        cfg["vision_config"]["num_hidden_layers"] = layers
+        return cfg
+    edit_json(folder / "config.json", change)
+    with pytest.raises(CheckpointError, match=says):
+        EdgeLMM.load(folder)
+
+
 def test_image_size_inconsistent_with_the_position_embedding(copy):
     folder = copy()
 

@@ -145,12 +145,13 @@ def load_into(model: nn.Module, sources: list[tuple[WeightFiles, KeyRules]], dty
                               "a shard may be missing or the folder belongs to another model")
 
 
-def check_layer_count(prefix: str, count: int, sources: list[tuple[WeightFiles, KeyRules]],
-                      exact: bool = True) -> None:
+def check_layer_count(prefix: str, sources: list[tuple[WeightFiles, KeyRules]], fewest: int,
+                      most: int | None) -> None:
     """CheckpointError unless the checkpoint's layers under ``prefix`` (edgelmm names, e.g. ``"text.layers."``)
-    number ``count`` (with ``exact=False``: at least ``count``, an unused tail being fine). Checked before the
-    model is built: layers the config drops would be lost without a word, and layers it invents would be
-    built (at any count) only to be reported missing."""
+    number from ``fewest`` (the layers the model builds) to ``most`` (the config's layer count; None: no
+    limit). Checked before the model is built: layers beyond the config's count would be dropped without a
+    word (or, in a vision tower, shift the feature layer), and layers it invents would be built, at any
+    count, only to be reported missing."""
     found = set()
     for files, rules in sources:
         for key in files.file_of:
@@ -159,9 +160,11 @@ def check_layer_count(prefix: str, count: int, sources: list[tuple[WeightFiles, 
             if index.isdigit():
                 found.add(int(index))
     stored = max(found) + 1 if found else 0
-    if stored < count or (exact and stored > count):
+    if stored < fewest or (most is not None and stored > most):
         kind = "decoder" if prefix.startswith("text.") else "vision tower"
-        raise CheckpointError(f"the config says {count} {kind} layers but the checkpoint holds {stored}; the config "
+        too_many = most is not None and stored > most
+        count = f"says {most}" if too_many else f"needs {fewest}"
+        raise CheckpointError(f"the config {count} {kind} layers but the checkpoint holds {stored}; the config "
                               "and the weights belong to different models")
 
 

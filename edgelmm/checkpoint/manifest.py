@@ -161,9 +161,10 @@ class VerifiedFiles:
 
 def verify_manifest(folder: Path) -> dict | None:
     """Check every file the manifest lists against its sha256 (skipping files already checked and unchanged,
-    see the module docstring); return the manifest (None if absent).
+    see the module docstring); return the manifest (None if absent: a checkpoint another tool wrote).
 
-    Raises :class:`ChecksumError` naming the first file that is missing or whose content changed.
+    Raises :class:`ChecksumError` naming the first file that is missing, whose content changed, or that edgelmm
+    may read but the manifest does not list; :class:`CheckpointError` for an edgelmm export without a manifest.
     """
     folder = Path(folder).resolve()
     manifest = read_manifest(folder)

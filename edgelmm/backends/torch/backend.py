@@ -58,8 +58,8 @@ class TorchBackend:
         sources = [(files, spec.key_rules)]
         if spec.vision_dir is not None:
             sources.append((WeightFiles(spec.vision_dir), spec.vision_key_rules))
-        check_layer_count("text.layers.", spec.text.num_layers, sources)
-        check_layer_count("vision.layers.", spec.vision.num_layers, sources, exact=False)
+        check_layer_count("text.layers.", sources, spec.text.num_layers, spec.text.num_layers)
+        check_layer_count("vision.layers.", sources, spec.vision.num_layers, spec.vision.config_layers)
         with torch.device("meta"):
             model = VLM(spec)
         gptq = read_gptq_config(folder, cfg)
