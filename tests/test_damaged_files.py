@@ -70,6 +70,15 @@ def first_tensor(header):
     return next(k for k in header if k != "__metadata__")
 
 
+def fill_embeddings(folder, value):
+    """Overwrite the token embeddings of a tiny TinyLLaVA with ``value`` (a load that used to go through)."""
+    key = "language_model.model.embed_tokens.weight"
+    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = torch.full_like(tensors[key], value)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
 def without_manifest(folder):
     """Turn an edgelmm export into a GPTQ checkpoint 'of another tool': no edgelmm.json, no edgelmm quantizer."""
     (folder / MANIFEST).unlink()
@@ -264,11 +273,7 @@ def test_fuzz_genai_config(onnx_export, tmp_path):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_fail_at_the_first_logits(copy, value):
     folder = copy()
-    key = "language_model.model.embed_tokens.weight"
-    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
-    tensors = load_file(shard)
-    tensors[key] = torch.full_like(tensors[key], value)
-    save_file(tensors, shard, metadata={"format": "pt"})
+    fill_embeddings(folder, value)
     model = EdgeLMM.load(folder)
     with pytest.raises(NonFiniteLogitsError, match="NaN/infinite logits .* at the prefill"):
         model.ask(sample_image(), "hi", max_new_tokens=4)
@@ -430,7 +435,8 @@ def _damage_heads(folder):
 
 
 @pytest.mark.parametrize("damage,says", [(_damage_header, SHARD), (_damage_config, "config.json"),
-                                         (_damage_heads, "num_attention_heads")])
+                                         (_damage_heads, "num_attention_heads"),
+                                         (lambda folder: fill_embeddings(folder, float("nan")), "NaN/infinite")])
 def test_cli_reports_damage_in_one_line(copy, tmp_path, damage, says):
     folder = copy()
     damage(folder)
