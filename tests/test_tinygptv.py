@@ -246,6 +246,11 @@ def test_description_errors(replicas, tmp_path):
         EdgeLMM.load(_described(replicas, tmp_path, stage=None))
     with pytest.raises(ConfigError, match="448"):
         EdgeLMM.load(_described(replicas, tmp_path, stage=4, image_size=224))
+    for field, value in (("lora_alpha", float("nan")), ("lora_alpha", 0), ("lora_r", "64"), ("vision", [1408])):
+        with pytest.raises(ConfigError, match=field):
+            EdgeLMM.load(_described(replicas, tmp_path, **{field: value}))
+    with pytest.raises(ConfigError, match="EvaConfig.heads is 0"):
+        EdgeLMM.load(_described(replicas, tmp_path, vision={"heads": 0}))
     stage4 = replicas["s4"].parent / "TinyGPT-V_for_Stage4.pth"
     with pytest.raises(ConfigError, match="trained on 448x448"):  # a stage-4 checkpoint with a 224 description
         EdgeLMM.load(_described(replicas, tmp_path, checkpoint=str(stage4)))

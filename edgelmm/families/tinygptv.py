@@ -28,6 +28,7 @@ three external bases. The description file names them; relative paths are read f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,19 @@ class Description:
                 raise ConfigError(f'{path} lacks "{key}" (the path of a released TinyGPT-V piece)')
             pieces[key] = (path.parent / Path(cfg[key]).expanduser()).resolve()
         vision = cfg.get("vision", {})
+        if not isinstance(vision, dict):
+            raise ConfigError(f'{path}: "vision" is {vision!r}, not an object of EVA sizes')
         unknown = set(vision) - {"width", "depth", "heads", "patch_size"}
         if unknown:
             raise ConfigError(f'{path}: unknown "vision" keys {sorted(unknown)}; use width, depth, heads, patch_size')
-        return cls(path, stage, EvaConfig(**vision, image_size=size), pieces, cfg.get("lora_alpha"),
-                   cfg.get("lora_r"), cfg.get("context_length", 2048))
+        alpha, rank = cfg.get("lora_alpha"), cfg.get("lora_r")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                      and math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f'{path}: "lora_alpha" is {alpha!r}, not a finite positive number')
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+            raise ConfigError(f'{path}: "lora_r" is {rank!r}, not a positive integer')
+        return cls(path, stage, EvaConfig(**vision, image_size=size), pieces, alpha, rank,
+                   cfg.get("context_length", 2048))
 
 
 def trained_image_size(checkpoint: dict) -> int | None:
