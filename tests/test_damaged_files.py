@@ -503,25 +503,33 @@ def _fuzz(folder, targets, cases, seed):
 
 @pytest.fixture
 def fuzz_folders(copy, gptq_export, tmp_path):
-    checkpoint = copy()
-    export = tmp_path / "export"
+    """A checkpoint, an export (fuzzed: its manifest) and the export as another tool's GPTQ checkpoint
+    (fuzzed: its config.json with the quantization settings)."""
+    checkpoint, export, foreign = copy(), tmp_path / "export", tmp_path / "foreign"
     shutil.copytree(gptq_export, export)
-    return checkpoint, export
+    shutil.copytree(gptq_export, foreign)
+    without_manifest(foreign)
+    return checkpoint, export, foreign
+
+
+CHECKPOINT_FILES = [SHARD, OTHER_SHARD, "config.json", "model.safetensors.index.json"]
 
 
 def test_fuzz_headers_configs_and_manifests(fuzz_folders, monkeypatch):
     monkeypatch.setenv("EDGELMM_VERIFY", "full")
-    checkpoint, export = fuzz_folders
-    _fuzz(checkpoint, [SHARD, OTHER_SHARD, "config.json", "model.safetensors.index.json"], 240, seed=0)
-    _fuzz(export, [MANIFEST], 60, seed=1)
+    checkpoint, export, foreign = fuzz_folders
+    _fuzz(checkpoint, CHECKPOINT_FILES, 240, seed=0)
+    _fuzz(export, [MANIFEST], 40, seed=1)
+    _fuzz(foreign, ["config.json"], 40, seed=2)
 
 
 @pytest.mark.fuzz
 def test_fuzz_large(fuzz_folders, monkeypatch):
     monkeypatch.setenv("EDGELMM_VERIFY", "full")
-    checkpoint, export = fuzz_folders
-    _fuzz(checkpoint, [SHARD, OTHER_SHARD, "config.json", "model.safetensors.index.json"], 3000, seed=100)
-    _fuzz(export, [MANIFEST, "config.json"], 600, seed=101)
+    checkpoint, export, foreign = fuzz_folders
+    _fuzz(checkpoint, CHECKPOINT_FILES, 3000, seed=100)
+    _fuzz(export, [MANIFEST], 400, seed=101)
+    _fuzz(foreign, ["config.json", next(p.name for p in foreign.glob("*.safetensors"))], 600, seed=102)
 
 
 def test_mutations_change_the_files():
