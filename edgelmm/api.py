@@ -78,13 +78,15 @@ class EdgeLMM:
 
     def prompt_ids(self, prompt: str) -> tuple[str, list[int]]:
         """Render the template and tokenize it, with the image slot expanded to one id per image token."""
-        text = self.template.render(prompt)
+        text, (start, end) = self.template.render(prompt)
         n = self.spec.vision.num_image_tokens
         if self.spec.image_token_id is None:  # LLaVA codebase: tokenize around <image>, splice a sentinel
             before, after = text.split(IMAGE_TAG)
+            offset = len(before) + len(IMAGE_TAG)  # the template puts the image before the question
             return text, (self.tokenizer.encode(before, add_bos=self.template.add_bos) + [IMAGE_PLACEHOLDER] * n
-                          + self.tokenizer.encode(after, add_bos=False))
-        ids = self.tokenizer.encode(text, add_bos=self.template.add_bos)  # HF Llava: <image> is a real token
+                          + self.tokenizer.encode_prompt(after, (start - offset, end - offset), add_bos=False))
+        # HF Llava: <image> is a real token
+        ids = self.tokenizer.encode_prompt(text, (start, end), add_bos=self.template.add_bos)
         out: list[int] = []
         for i in ids:
             out.extend([i] * n if i == self.spec.image_token_id else [i])

@@ -69,7 +69,7 @@ def test_stream_pieces_join_to_the_answer_and_respect_max_tokens(model):
     assert "".join(pieces) == full.text == result.text
     assert result.token_ids == full.token_ids and len(full.token_ids) <= 10
     assert set(full.timings) == {"preprocess", "vision", "prefill", "decode"}
-    assert full.prompt == model.template.render(QUESTION)
+    assert full.prompt == model.template.render(QUESTION)[0]
 
 
 def test_stop_string_cuts_the_answer(model):

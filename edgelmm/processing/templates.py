@@ -22,10 +22,12 @@ class Template:
     add_bos: bool
     stop: tuple[str, ...]
 
-    def render(self, question: str) -> str:
+    def render(self, question: str) -> tuple[str, tuple[int, int]]:
+        """The prompt text and the span of ``question`` in it (the user's text, tokenized as plain text)."""
         if IMAGE_TAG in question:
             raise ConfigError(f"the prompt must not contain {IMAGE_TAG!r}: edgelmm places the image itself")
-        return self.text.replace("{question}", question)
+        head, tail = self.text.split("{question}")
+        return head + question + tail, (len(head), len(head) + len(question))
 
 
 TEMPLATES = {t.name: t for t in (

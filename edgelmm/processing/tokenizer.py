@@ -19,11 +19,16 @@ Special-token ids (``bos``, ``eos``, ``pad``), first source that gives one wins:
 The tokenizer files come first because some configs carry wrong defaults: Mipha-3B's ``config.json`` says
 bos=1, eos=2 (PhiConfig defaults), while its Phi-2 tokenizer uses ``<|endoftext|>`` = 50256 for both.
 
+User text is tokenized as text: a special token written inside it (``<|endoftext|>``, ``<end_of_turn>``)
+becomes the ids of its characters, as transformers' ``split_special_tokens`` does, so that only the
+template's own special tokens are real (:meth:`Tokenizer.encode_prompt`).
+
 Decoding is the plain ``tokenizers`` decode: ``clean_up_tokenization_spaces`` is ignored, as transformers 5
 ignores it for BPE tokenizers.
 """
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -32,6 +37,9 @@ from tokenizers import Tokenizer as _Backend
 from edgelmm.errors import CheckpointError, ConfigError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# a non-special added token put in front of a piece encoded alone, so that the piece is tokenized as it
+# is in the middle of the prompt (Metaspace's prepend_scheme="first" marks only the text at offset 0)
+_CONTEXT_SENTINEL = "\ue000edgelmm-context\ue001"
 _MAKE_TOKENIZER_JSON = (
     'python -c "from transformers import AutoTokenizer; '
     "AutoTokenizer.from_pretrained('{0}').save_pretrained('{0}')\""
@@ -236,6 +244,49 @@ class Tokenizer:
         if self.bos_token_id is None:
             raise ConfigError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
         return [self.bos_token_id, *ids]
+
+    def encode_prompt(self, text: str, user_span: tuple[int, int], add_bos: bool) -> list[int]:
+        """Token ids of ``text`` in which ``text[user_span[0]:user_span[1]]`` was typed by a user: special
+        tokens written there are tokenized as plain text; those outside it (the template's) stay real.
+        Equal to :meth:`encode` whenever the user's text holds no special token."""
+        start, end = user_span
+        if not any(token in text[start:end] for token in self._special_contents):
+            return self.encode(text, add_bos)
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        special_ids = self._special_token_ids
+        spans = [(offset, i) for offset, i in zip(encoding.offsets, encoding.ids) if i in special_ids]
+        region_start = max((stop for (_, stop), _ in spans if stop <= start), default=0)
+        region_end = min((first for (first, _), _ in spans if first >= end), default=len(text))
+        before = [i for (_, stop), i in zip(encoding.offsets, encoding.ids) if stop <= region_start]
+        after = [i for (first, _), i in zip(encoding.offsets, encoding.ids) if first >= region_end]
+        ids = [*before, *self._encode_as_text(text[region_start:region_end], in_context=region_start > 0), *after]
+        if not add_bos:
+            return ids
+        if self.bos_token_id is None:
+            raise ConfigError("add_bos=True but this tokenizer has no BOS token; pass add_bos=False")
+        return [self.bos_token_id, *ids]
+
+    @cached_property
+    def _special_contents(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self._backend.get_added_tokens_decoder().values() if t.special)
+
+    @cached_property
+    def _special_token_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
+    @cached_property
+    def _text_only_backend(self) -> _Backend:
+        """A copy of the tokenizer that reads special tokens as text, with the context sentinel added."""
+        backend = _Backend.from_str(self._backend.to_str())
+        backend.add_tokens([AddedToken(_CONTEXT_SENTINEL, special=False, normalized=False)])
+        backend.encode_special_tokens = True
+        return backend
+
+    def _encode_as_text(self, piece: str, in_context: bool) -> list[int]:
+        """Ids of ``piece`` with special tokens read as text; ``in_context``: as if it did not start the text."""
+        if not in_context:
+            return self._text_only_backend.encode(piece, add_special_tokens=False).ids
+        return self._text_only_backend.encode(_CONTEXT_SENTINEL + piece, add_special_tokens=False).ids[1:]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens (``<image>``, ``</s>``...) are dropped unless asked for, and ids
