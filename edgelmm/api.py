@@ -2,14 +2,16 @@
 torch-free: the backend (PyTorch, or onnxruntime for an ONNX export) is imported when a model loads."""
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelmm.backends.onnx.config import is_onnx_export
 from edgelmm.checkpoint.manifest import verify_manifest
-from edgelmm.errors import CheckpointError, PromptTooLongError
+from edgelmm.errors import CheckpointError, ModelBusyError, PromptTooLongError
 from edgelmm.families.tinygptv import is_description
 from edgelmm.generate import Backend, StopStringFilter, generate_ids
 from edgelmm.processing.image import load_image, preprocess
@@ -31,7 +33,11 @@ class Generation:
 
 
 class EdgeLMM:
-    """A loaded vision-language model: backend, tokenizer, image preprocessing and prompt template."""
+    """A loaded vision-language model: backend, tokenizer, image preprocessing and prompt template.
+
+    Safe to call from several threads: image preprocessing and tokenizing run in parallel, the backend
+    (its KV cache and buffers) serves one answer at a time, in the order the callers reach it. A
+    ``stream()`` holds the backend until it is exhausted or closed."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, path: Path):
         self.backend, self.tokenizer, self.path = backend, tokenizer, path
@@ -40,6 +46,23 @@ class EdgeLMM:
         self.stop_ids = {i for i in (tokenizer.token_to_id(s) for s in self.template.stop) if i is not None}
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
+        self._backend_lock = threading.Lock()
+        self._backend_holder: int | None = None  # the thread whose answer is using the backend
+
+    @contextmanager
+    def _backend_turn(self) -> Iterator[None]:
+        """Wait for the backend, then hold it for one answer. The thread already holding it (an unfinished
+        stream) is refused, since waiting on itself would never end."""
+        me = threading.get_ident()
+        if self._backend_holder == me:
+            raise ModelBusyError("this thread has not finished reading an earlier stream() of this model; "
+                                 "exhaust it or call its close() before asking again")
+        with self._backend_lock:
+            self._backend_holder = me
+            try:
+                yield
+            finally:
+                self._backend_holder = None
 
     @classmethod
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None,
@@ -104,32 +127,34 @@ class EdgeLMM:
         if len(ids) >= self.backend.max_seq_len:
             raise PromptTooLongError(f"the prompt is {len(ids)} tokens (with {self.spec.vision.num_image_tokens} "
                                      f"image tokens) but the context holds {self.backend.max_seq_len}; shorten it")
-        t1 = time.perf_counter()
-        features = self.backend.encode_image(pixels)
-        t2 = time.perf_counter()
-        timings.update(preprocess=t1 - t0, vision=t2 - t1)
-        text_filter = StopStringFilter(self.template.stop + params.stop)
-        decoder, decoded = self.tokenizer.decode_stream(), ""
-        tokens = generate_ids(self.backend, ids, features, params, self.stop_ids | set(params.stop_token_ids))
-        t3 = time.perf_counter()
-        for token in tokens:
-            if not result.token_ids:
-                t3 = time.perf_counter()
-                timings["prefill"] = t3 - t2
-            result.token_ids.append(token)
-            decoded += decoder.push(token)
-            piece = text_filter.push(decoded)
-            if piece:
-                result.text += piece
-                yield piece
-            if text_filter.stopped:
-                break
-        timings.setdefault("prefill", time.perf_counter() - t2)
-        timings["decode"] = time.perf_counter() - t3
-        tail = text_filter.finish(decoded + decoder.flush())
-        if tail:
-            result.text += tail
-            yield tail
+        timings["preprocess"] = time.perf_counter() - t0
+        with self._backend_turn():  # the time spent waiting for another thread's answer is in no timing
+            t1 = time.perf_counter()
+            features = self.backend.encode_image(pixels)
+            t2 = time.perf_counter()
+            timings["vision"] = t2 - t1
+            text_filter = StopStringFilter(self.template.stop + params.stop)
+            decoder, decoded = self.tokenizer.decode_stream(), ""
+            tokens = generate_ids(self.backend, ids, features, params, self.stop_ids | set(params.stop_token_ids))
+            t3 = time.perf_counter()
+            for token in tokens:
+                if not result.token_ids:
+                    t3 = time.perf_counter()
+                    timings["prefill"] = t3 - t2
+                result.token_ids.append(token)
+                decoded += decoder.push(token)
+                piece = text_filter.push(decoded)
+                if piece:
+                    result.text += piece
+                    yield piece
+                if text_filter.stopped:
+                    break
+            timings.setdefault("prefill", time.perf_counter() - t2)
+            timings["decode"] = time.perf_counter() - t3
+            tail = text_filter.finish(decoded + decoder.flush())
+            if tail:
+                result.text += tail
+                yield tail
 
     def generate(self, image, prompt: str, **sampling) -> Generation:
         """Answer ``prompt`` about ``image`` (a path, PIL image, bytes or numpy array); ``sampling`` takes

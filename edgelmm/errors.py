@@ -47,3 +47,7 @@ class MemoryBudgetError(EdgeLMMError):
 
 class NonFiniteLogitsError(CheckpointError):
     """The model computed NaN or infinite logits: its weights or config numbers are damaged."""
+
+
+class ModelBusyError(EdgeLMMError, RuntimeError):
+    """This thread is still reading an unfinished ``stream()`` of the same model."""
