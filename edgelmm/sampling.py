@@ -2,6 +2,7 @@
 top-k, top-p, seeded."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,19 +24,50 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, low=1)
+        self.temperature = _real("temperature", self.temperature)
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        self.top_k = _int("top_k", self.top_k, low=0)
+        self.top_p = _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, low=0)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else _sequence("stop", self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be a string or a sequence of non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = tuple(_int("stop_token_ids entry", i, low=0)
+                                    for i in _sequence("stop_token_ids", self.stop_token_ids))
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+
+def _sequence(name: str, value) -> tuple:
+    """``value`` as a tuple; a non-iterable value raises ConfigError."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a sequence, got {value!r} ({type(value).__name__})") from None
+
+
+def _int(name: str, value, low: int) -> int:
+    """``value`` as an int of at least ``low`` (bools and floats are refused), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a finite float (bools, strings, NaN and infinities are refused), else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    return float(value)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
