@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -30,6 +31,9 @@ from edgelmm.errors import ConfigError, ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default decompression-bomb guard for ``load_image``: 64 megapixels (e.g. 9000x8000 is refused)."""
+
+MAX_STREAM_BYTES = 256 << 20
+"""The most an image read from a pipe may hold: 256 MiB, above a 64-megapixel uncompressed BMP (192 MB)."""
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,7 +72,7 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, "image", max_pixels)
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, max_pixels)
+        return _array_to_rgb(np.asarray(source), max_pixels)  # np.asarray: an np.matrix becomes an ndarray
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -81,9 +85,19 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
 
 
 def _load_path(path: str, max_pixels: int | None) -> Image.Image:
-    """Open and decode the image file at ``path``."""
+    """Open and decode the image file at ``path``: a regular file, or this process's standard input when it is
+    a pipe (``/dev/stdin``). Other non-regular files (a FIFO, a device) are refused before they are opened,
+    since reading them may never end."""
+    _check_file_name(path)
     try:
+        info = os.stat(path)
+        from_stdin = _is_stdin_pipe(info)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode) or from_stdin):
+            raise ImageError(f"image path {path!r} is not a regular file (a FIFO, socket or device); "
+                             "pass an image file, or pipe it to standard input")
         with open(path, "rb") as file:
+            if from_stdin:
+                return load_image(read_stream(file, f"standard input ({path})"), max_pixels)
             if os.fstat(file.fileno()).st_size == 0:
                 raise ImageError(f"image file {path!r} is empty (0 bytes); {_DAMAGED_HINT}")
             return _decode(file, f"image file {path!r}", max_pixels)
@@ -93,6 +107,40 @@ def _load_path(path: str, max_pixels: int | None) -> Image.Image:
         raise ImageError(f"image file not found: {path!r}{hint}") from None
     except OSError as exc:  # a directory, no permission, an I/O error
         raise ImageError(f"cannot read image file {path!r}: {exc.strerror or exc}") from exc
+
+
+def _check_file_name(path: str) -> None:
+    """Refuse a path the operating system cannot take: a NUL character, or one the file-system encoding
+    cannot encode (a lone surrogate)."""
+    if "\0" in path:
+        raise ImageError(f"image path {path!r} is not a valid file name (it contains a NUL character); "
+                         "check the path")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise ImageError(f"image path {path!r} is not a valid file name (character {exc.start} cannot be "
+                         f"encoded in {exc.encoding}); check the path") from None
+
+
+def _is_stdin_pipe(info: os.stat_result) -> bool:
+    """Whether ``info`` describes this process's standard input (e.g. ``/dev/stdin``) and it is a pipe."""
+    try:
+        stdin = os.fstat(0)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(info.st_mode) and (stdin.st_dev, stdin.st_ino) == (info.st_dev, info.st_ino)
+
+
+def read_stream(stream: IO[bytes], name: str) -> bytes:
+    """Read an encoded image from a stream of unknown length (a pipe) to its end, at most
+    ``MAX_STREAM_BYTES``; a longer stream raises ``ImageTooLargeError`` instead of filling memory."""
+    data = stream.read(MAX_STREAM_BYTES + 1)
+    if len(data) > MAX_STREAM_BYTES:
+        raise ImageTooLargeError(f"{name} holds more than {MAX_STREAM_BYTES:,} bytes, more than any image "
+                                 "load_image accepts; pass a file instead")
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes); pipe the complete contents of an image file")
+    return data
 
 
 def _decode(file: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
