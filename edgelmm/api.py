@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgelmm.backends.onnx.config import is_onnx_export
 from edgelmm.checkpoint.manifest import verify_manifest
-from edgelmm.errors import CheckpointError, ModelBusyError, PromptTooLongError
+from edgelmm.errors import CheckpointError, ConfigError, ModelBusyError, PromptTooLongError
 from edgelmm.families.tinygptv import is_description
 from edgelmm.generate import Backend, StopStringFilter, generate_ids
 from edgelmm.processing.image import load_image, preprocess
@@ -120,6 +120,7 @@ class EdgeLMM:
         return preprocess(load_image(image), self.spec.image)[None]
 
     def _run(self, image, prompt: str, params: SamplingParams, result: Generation) -> Iterator[str]:
+        check_prompt(prompt)
         timings = result.timings
         t0 = time.perf_counter()
         pixels = self.pixels(image)
@@ -172,3 +173,14 @@ class EdgeLMM:
     def ask(self, image, prompt: str, **sampling) -> str:
         """The answer's text."""
         return self.generate(image, prompt, **sampling).text
+
+
+def check_prompt(prompt) -> None:
+    """Refuse a prompt that is not a str of valid Unicode (e.g. undecodable command-line bytes)."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"the prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"the prompt is not valid UTF-8 text (character {exc.start}: "
+                          f"{prompt[exc.start:exc.end]!r}); pass the question as UTF-8") from None

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgelmm.errors import EdgeLMMError
+from edgelmm.errors import ConfigError, EdgeLMMError
 
 
 def _sampling(args) -> dict:
@@ -29,12 +29,43 @@ def _print_timings(timings: dict[str, float], n_tokens: int) -> None:
     print(f"[{', '.join(parts)}; {n_tokens} tokens{rate}]", file=sys.stderr)
 
 
-def cmd_ask(args) -> None:
-    from edgelmm.api import EdgeLMM, Generation
+def _check_device(device: str | None) -> None:
+    """Refuse a CUDA device on a machine where torch sees none (before any model is loaded)."""
+    if device is None or not device.lower().startswith("cuda"):
+        return
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"--device {device} needs PyTorch with CUDA, which is not installed; "
+                          "omit --device to run on the CPU") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; "
+                          "omit --device (or pass --device cpu) to run on the CPU")
 
+
+def _image_argument(image: str):
+    """``--image``: a path, or ``-`` for the image's bytes on standard input (refused when it is a terminal)."""
+    if image != "-":
+        return image
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError("--image - reads the image from standard input, which is not a pipe or file here; "
+                          "redirect the image into it: --image - < cat.jpg")
+    from edgelmm.processing.image import read_stream
+
+    return read_stream(sys.stdin.buffer, "standard input")
+
+
+def cmd_ask(args) -> None:
+    from edgelmm.api import EdgeLMM, Generation, check_prompt
+    from edgelmm.sampling import SamplingParams
+
+    SamplingParams(**_sampling(args))  # bad values are refused before the model loads
+    check_prompt(args.prompt)
+    _check_device(args.device)
+    image = _image_argument(args.image)
     model = EdgeLMM.load(args.model, device=args.device, dtype=args.dtype)
     result = Generation("", [], "")
-    for piece in model.stream(args.image, args.prompt, result=result, **_sampling(args)):
+    for piece in model.stream(image, args.prompt, result=result, **_sampling(args)):
         print(piece, end="", flush=True)
     print()
     _print_timings(result.timings, len(result.token_ids))
@@ -96,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("model", help="checkpoint folder")
-    ask.add_argument("--image", required=True)
+    ask.add_argument("--image", required=True, help="image file, or - to read it from standard input")
     ask.add_argument("--prompt", required=True)
     ask.add_argument("--device", default=None)
     ask.add_argument("--dtype", default=None)
