@@ -203,6 +203,20 @@ def test_pad_to_square_matches_llava(hf, kind, height, width):
     assert_matches(preprocess(load_image(image), spec), reference, spec.size)
 
 
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+@pytest.mark.parametrize("height,width", [(40, 701), (701, 40), (3, 100)])
+def test_pad_in_strips_matches_llava(hf, monkeypatch, kind, height, width):
+    """The padded resize that builds the canvas in strips (here of 7 rows, the last one shorter) gives the
+    pixels of transformers on the whole expand2square canvas."""
+    import edgelmm.processing.image as image_module
+
+    monkeypatch.setattr(image_module, "_PAD_STRIP_BYTES", 4 * max(height, width) * 7)
+    image = Image.fromarray(noise(height, width, seed=3))
+    spec = PADDED_SPECS[kind]
+    reference = hf_pixels(hf[kind], ref_expand2square(image, spec.mean))
+    assert_matches(preprocess(load_image(image), spec), reference, spec.size)
+
+
 # ---- ImageSpec from preprocessor_config.json ----
 
 SIGLIP_SO400M_CONFIG = {

@@ -32,8 +32,16 @@ from edgelmm.errors import ConfigError, ImageError, ImageTooLargeError
 DEFAULT_MAX_PIXELS = 64_000_000
 """Default decompression-bomb guard for ``load_image``: 64 megapixels (e.g. 9000x8000 is refused)."""
 
+MAX_ASPECT_RATIO = 50
+"""``load_image`` refuses images whose long side is more than 50 times their short side. Padding to a square
+or resizing the short side up multiplies such an image's pixels by its aspect ratio; real photos, panoramas
+and scanned receipts stay far below 1:50."""
+
 MAX_STREAM_BYTES = 256 << 20
 """The most an image read from a pipe may hold: 256 MiB, above a 64-megapixel uncompressed BMP (192 MB)."""
+
+_PAD_STRIP_BYTES = 64 << 20
+"""Padded resizes build the square canvas in horizontal strips of at most this many bytes."""
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -220,7 +228,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> None:
-    """Refuse empty images and images over the pixel limit."""
+    """Refuse empty images, images over the pixel limit and images beyond the aspect-ratio limit."""
     if width == 0 or height == 0:
         raise ImageError(f"{name} has zero size ({width}x{height}); pass an image with at least one pixel")
     pixels = width * height
@@ -229,6 +237,11 @@ def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> N
             f"{name} is {width}x{height} = {pixels:,} pixels, over the limit of {max_pixels:,} pixels "
             f"(a guard against decompression bombs); if you trust it, call load_image(..., "
             f"max_pixels={pixels}) or larger, or max_pixels=None to disable the check")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageTooLargeError(
+            f"{name} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):,.0f}:1, "
+            f"over the limit of {MAX_ASPECT_RATIO}:1 (padding or resizing it would multiply its pixels); "
+            "crop it to the part the question is about")
 
 
 @dataclass(frozen=True)
@@ -396,23 +409,35 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
         raise ImageError(f"preprocess expects a PIL.Image.Image, got {type(image).__name__}; "
                          "call load_image first")
     image = _pil_to_rgb(image, "image", None)
-    if spec.pad_to_square:
-        image = _expand_to_square(image, spec.pad_fill)
-    pixels = np.asarray(_resize(image, spec))  # (size, size, 3) uint8
+    padded = spec.pad_to_square and image.width != image.height
+    pixels = np.asarray(_padded_resize(image, spec) if padded else _resize(image, spec))  # (size, size, 3) uint8
     scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
     normalized = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(normalized.transpose(2, 0, 1))  # (3, size, size)
 
 
-def _expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """LLaVA ``expand2square``: paste the image centred (offsets floored) on a fill-coloured square."""
+def _padded_resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """LLaVA ``expand2square`` (the image centred, offsets floored, on a ``pad_fill`` square) then the resize,
+    without holding the square canvas.
+
+    Pillow resizes in two separable passes, rows first, rounding to uint8 in between. This runs the row pass
+    on strips of the canvas rows that hold the image, and once on a single fill row for the rows that are all
+    padding, then the column pass on the stacked result: the same arithmetic as resizing the whole canvas,
+    in memory bounded by ``_PAD_STRIP_BYTES``. A square canvas resizes to size x size in both resize modes
+    (its shortest edge is its side)."""
     width, height = image.size
-    if width == height:
-        return image
     side = max(width, height)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+    left, top = (side - width) // 2, (side - height) // 2
+    fill_row = Image.new("RGB", (side, 1), spec.pad_fill).resize((spec.size, 1), resample=spec.resample)
+    rows = np.empty((side, spec.size, 3), np.uint8)  # the row pass of the whole canvas
+    rows[:top] = rows[top + height:] = np.asarray(fill_row)  # (1, size, 3) broadcast over the padding rows
+    rows_per_strip = max(1, _PAD_STRIP_BYTES // (4 * side))  # Pillow stores RGB in 4 bytes a pixel
+    for start in range(0, height, rows_per_strip):
+        stop = min(start + rows_per_strip, height)
+        strip = Image.new("RGB", (side, stop - start), spec.pad_fill)  # image rows [start, stop), padded
+        strip.paste(image.crop((0, start, width, stop)), (left, 0))
+        rows[top + start : top + stop] = np.asarray(strip.resize((spec.size, stop - start), resample=spec.resample))
+    return Image.fromarray(rows).resize((spec.size, spec.size), resample=spec.resample)
 
 
 def _resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
