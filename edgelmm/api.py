@@ -66,7 +66,7 @@ class EdgeLMM:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, vision_tower=None, context_length: int | None = None,
-             max_memory=None) -> EdgeLMM:
+             max_memory=None, quantize: str | None = None, quantize_vision: bool = False) -> EdgeLMM:
         """Load an unmodified checkpoint folder (TinyLLaVA Factory/legacy, HF Llava, Mipha), or a TinyGPT-V
         description ``.json`` naming its released pieces (see ``edgelmm.backends.torch.tinygptv``), offline.
 
@@ -75,12 +75,14 @@ class EdgeLMM:
         ``vision_tower`` points legacy TinyLLaVA at its separate SigLIP folder when it is not found beside
         the checkpoint. ``context_length`` caps the preallocated KV cache (default: the model's context).
         ``max_memory`` (e.g. ``"8GB"``) makes loading refuse up front, with the memory plan in the
-        MemoryBudgetError, a model that cannot fit instead of running out of memory mid-answer."""
+        MemoryBudgetError, a model that cannot fit instead of running out of memory mid-answer.
+        ``quantize`` (``"nf4"``, ``"fp4"`` or ``"int8"``) quantizes the language model's linears with bitsandbytes
+        as they load (``quantize_vision``: the vision tower's too); it needs ``pip install edgelmm[bnb]``."""
         folder = Path(path).expanduser()
         if is_description(folder):  # a description file naming released pieces (TinyGPT-V)
             from edgelmm.backends.torch.tinygptv import load_tinygptv
 
-            return cls(*load_tinygptv(folder, device, dtype, context_length, max_memory))
+            return cls(*load_tinygptv(folder, device, dtype, context_length, max_memory, quantize, quantize_vision))
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a folder; pass the path of a checkpoint folder")
         verify_manifest(folder)  # an edgelmm export: every file's sha256 (ChecksumError names a damaged one)
@@ -89,6 +91,8 @@ class EdgeLMM:
             from edgelmm.plan.memory import parse_size, require_fit
             from edgelmm.plan.sources import plan_onnx_export
 
+            if quantize is not None:
+                raise ConfigError(f"{folder} is an ONNX export, quantized when exported; load it without quantize=")
             if max_memory is not None:
                 require_fit(plan_onnx_export(folder, context_length, parse_size(max_memory)),
                             "Use a 4-bit export, --vision-bits 8, or a shorter context_length.")
@@ -96,7 +100,8 @@ class EdgeLMM:
             return cls(OnnxBackend.load(folder, device, context_length), Tokenizer.from_dir(folder), folder)
         from edgelmm.backends.torch.backend import TorchBackend
 
-        backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length, max_memory)
+        backend = TorchBackend.load(folder, device, dtype, vision_tower, context_length, max_memory, quantize,
+                                    quantize_vision)
         return cls(backend, Tokenizer.from_dir(folder), folder)
 
     def prompt_ids(self, prompt: str) -> tuple[str, list[int]]:

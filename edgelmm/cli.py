@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from edgelmm.errors import ConfigError, EdgeLMMError
+from edgelmm.plan.memory import BNB_METHODS
 
 
 def _sampling(args) -> dict:
@@ -21,6 +22,12 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=BNB_METHODS, default=None,
+                   help="quantize the LLM's linears with bitsandbytes while loading (pip install edgelmm[bnb])")
+    p.add_argument("--quantize-vision", action="store_true", help="with --quantize: the vision tower's linears too")
 
 
 def _print_timings(timings: dict[str, float], n_tokens: int) -> None:
@@ -63,7 +70,8 @@ def cmd_ask(args) -> None:
     check_prompt(args.prompt)
     _check_device(args.device)
     image = _image_argument(args.image)
-    model = EdgeLMM.load(args.model, device=args.device, dtype=args.dtype)
+    model = EdgeLMM.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                         quantize_vision=args.quantize_vision)
     result = Generation("", [], "")
     for piece in model.stream(image, args.prompt, result=result, **_sampling(args)):
         print(piece, end="", flush=True)
@@ -105,7 +113,8 @@ def cmd_plan(args) -> None:
 
     settings = PlanSettings(bits=args.bits, group_size=args.group_size, kv_bits=8 if args.kv == "int8" else 16,
                             context=args.context, quantize_vision=args.quantize_vision,
-                            quantize_lm_head=args.quantize_lm_head, overhead=parse_size(args.overhead))
+                            quantize_lm_head=args.quantize_lm_head, overhead=parse_size(args.overhead),
+                            bnb=args.quantize)
     if is_onnx_export(Path(args.model).expanduser()) and (args.bits != 16 or args.kv != "fp16" or args.quantize_vision
                                                           or args.quantize_lm_head):
         print("edgelmm plan: an ONNX export is planned as exported; --bits, --kv and --quantize-* are ignored",
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--prompt", required=True)
     ask.add_argument("--device", default=None)
     ask.add_argument("--dtype", default=None)
+    _add_quantize(ask)
     _add_sampling(ask)
     ask.set_defaults(func=cmd_ask)
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in a family's real layout")
@@ -152,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", help="budget, e.g. 8GB")
     plan.add_argument("--overhead", default="0", help="runtime context to add, e.g. 300MB for a CUDA context")
     plan.add_argument("--quantize-vision", action="store_true")
+    plan.add_argument("--quantize", choices=BNB_METHODS, default=None,
+                      help="plan bitsandbytes' load-time quantization of the LLM's linears (instead of --bits)")
     plan.add_argument("--quantize-lm-head", action="store_true")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)

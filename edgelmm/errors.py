@@ -51,3 +51,7 @@ class NonFiniteLogitsError(CheckpointError):
 
 class ModelBusyError(EdgeLMMError, RuntimeError):
     """This thread is still reading an unfinished ``stream()`` of the same model."""
+
+
+class MissingDependencyError(EdgeLMMError):
+    """An optional dependency (or its backend for this device) that a requested feature needs is not installed."""

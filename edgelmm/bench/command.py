@@ -59,8 +59,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-BACKENDS = ("torch", "gptq4", "onnx4", "onnx4-lm")
+BACKENDS = ("torch", "gptq4", "onnx4", "onnx4-lm", "bnb-nf4", "bnb-fp4", "bnb-int8")
 _EXPORT_OF = {"torch": None, "gptq4": "gptq4", "onnx4": "onnx4", "onnx4-lm": "onnx4"}  # the export a backend runs
+_BNB = {"bnb-nf4": "nf4", "bnb-fp4": "fp4", "bnb-int8": "int8"}  # torch backend, quantized by bitsandbytes at load
 PEERS = ("transformers", "llama.cpp", "ort-genai")
 PEER_MODULES = {"transformers": ("transformers", "pip install transformers"),
                 "llama.cpp": ("llama_cpp", "pip install llama-cpp-python gguf"),
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="timed runs per system (after one warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backends", default="torch,gptq4,onnx4", help=f"comma list of {', '.join(BACKENDS)}")
+    p.add_argument("--quantize", choices=tuple(_BNB.values()), action="append", default=[],
+                   help="add the torch backend quantized by bitsandbytes at load (= --backends ...,bnb-M); repeatable")
     p.add_argument("--peers", default="transformers,llama.cpp,ort-genai",
                    help=f"comma list of {', '.join(PEERS)}, or none")
     p.add_argument("--gguf", default="Q4_0,Q8_0", help="llama.cpp quantizations (Q4_0, Q8_0)")
@@ -155,6 +158,7 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
 
     plan = []
     backends = [b for b in args.backends.split(",") if b and b != "none"]
+    backends += [f"bnb-{m}" for m in args.quantize if f"bnb-{m}" not in backends]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     for name in [*backends, *peers]:
         if name not in (*BACKENDS, *PEERS):
@@ -164,6 +168,9 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
                      None))
     for backend in backends:
         name = f"edgelmm-{backend}"
+        if backend in _BNB:
+            plan.append((name, "backend", *_bnb_job(_BNB[backend], source, kind, base)))
+            continue
         if kind == "tinygpt-v" and backend == "torch":
             plan.append((name, "backend", {**base, "system": "edgelmm", "model": str(source), "export": None}, None))
             continue
@@ -211,6 +218,17 @@ def _plan(args, source: Path, kind: str, root: Path, base: dict) -> list[tuple[s
         except (EdgeLMMError, OSError, ValueError, RuntimeError) as e:
             plan.extend((n, "peer", None, {"status": "failed", "reason": f"{type(e).__name__}: {e}"}) for n in names)
     return plan
+
+
+def _bnb_job(method: str, source: Path, kind: str, base: dict) -> tuple[dict | None, dict | None]:
+    """(job, skip) of the torch backend loading ``source`` with ``quantize=method`` (bitsandbytes)."""
+    if kind not in ("checkpoint", "tinygpt-v"):
+        return None, {"status": "skipped", "reason": f"the model is a {kind} source (run as it is); bitsandbytes "
+                      "quantizes an unquantized checkpoint folder as it loads"}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None, {"status": "skipped", "reason": "bitsandbytes is not installed (pip install edgelmm[bnb])"}
+    return {**base, "system": "edgelmm", "model": str(source), "export": None, "quantize": method,
+            "notes": [f"EdgeLMM.load(quantize={method!r}): bitsandbytes layers, quantized while loading"]}, None
 
 
 def _peer_jobs(peer: str, names: list[str], source: Path, root: Path, base: dict, hf_language_model):

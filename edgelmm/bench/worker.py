@@ -42,7 +42,7 @@ class EdgeSession:
             self.backend = OnnxBackend.load(Path(job["model"]), job["device"], context, vision=False)
         else:
             self.lm = EdgeLMM.load(job["model"], device=job["device"], dtype=None if onnx else job["dtype"],
-                                   context_length=context)
+                                   context_length=context, quantize=job.get("quantize"))
             self.ids, self.backend = bench_prompt(self.lm, job["prompt_tokens"]), self.lm.backend
         backend, t = self.backend, self.backend.spec.text
         if onnx:
@@ -57,7 +57,8 @@ class EdgeSession:
             row_bytes = t.head_dim * backend.cache.data.element_size()
             gptq = json.loads((Path(job["model"]) / "config.json").read_text()).get("quantization_config") \
                 if Path(job["model"], "config.json").is_file() else None
-            self.weights = (f"gptq {gptq['bits']}-bit g{gptq['group_size']}" if gptq else str(backend.dtype)[6:])
+            self.weights = (f"gptq {gptq['bits']}-bit g{gptq['group_size']}" if gptq else
+                            f"bnb {job['quantize']}" if job.get("quantize") else str(backend.dtype)[6:])
         self.kv_bytes_per_position = 2 * t.num_layers * t.num_kv_heads * row_bytes
 
     def run(self, new_tokens: int) -> dict:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from edgelmm.config import EvaQFormerConfig
 from edgelmm.errors import ConfigError, MemoryBudgetError
 
+BNB_METHODS = ("nf4", "fp4", "int8")  # bitsandbytes' load-time quantizations
+BNB_BLOCK, BNB_NESTED_BLOCK = 64, 256  # weights per 4-bit absmax; absmax per fp32 nested absmax
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -28,7 +31,8 @@ def parse_size(text: str | float) -> int:
 class PlanSettings:
     """What the plan assumes: weight bits for the LLM's linears (16 = unquantized), GPTQ group size, KV bits
     (16 or 8, int8 with one fp16 scale per token and head), context length, bytes per unquantized value,
-    and which optional parts are quantized too."""
+    and which optional parts are quantized too. ``bnb`` (nf4, fp4 or int8) plans bitsandbytes' load-time
+    quantization instead of GPTQ's ``bits``."""
 
     bits: int = 16
     group_size: int = 128
@@ -38,8 +42,12 @@ class PlanSettings:
     quantize_vision: bool = False
     quantize_lm_head: bool = False
     overhead: int = 0  # runtime context (e.g. the CUDA context), given by the caller
+    bnb: str | None = None
 
     def __post_init__(self):
+        if self.bnb is not None and (self.bnb not in BNB_METHODS or self.bits < 16):
+            raise ConfigError(f"bitsandbytes quantization must be one of {', '.join(BNB_METHODS)} on unquantized "
+                              f"weights (bits 16), got {self.bnb!r} at {self.bits} bits")
         if self.bits not in (4, 8, 16):
             raise ConfigError(f"bits must be 4, 8 or 16, got {self.bits}")
         if self.kv_bits not in (8, 16, 32):
@@ -81,6 +89,17 @@ def require_fit(plan: MemoryPlan, advice: str) -> None:
                                 f"{plan.budget / 1e9:.2f} GB:\n{plan.table()}\n{advice}")
 
 
+def bnb_linear_bytes(out_features: int, in_features: int, method: str) -> int:
+    """bitsandbytes storage of one linear's weight (docs/quant-formats.md §6). nf4 / fp4: two codes per byte, one
+    uint8 absmax per block of 64 (double quantization), an fp32 absmax and offset per 256 of those, the 16-entry
+    code book and the 256-entry nested one in fp32. int8: one byte per weight and an fp32 scale per row."""
+    n = out_features * in_features
+    if method == "int8":
+        return n + 4 * out_features
+    blocks = math.ceil(n / BNB_BLOCK)
+    return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCK) + 4 + 4 * (16 + 256)
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
 
@@ -92,7 +111,8 @@ def quantized_linear_bytes(out_features: int, in_features: int, bits: int, group
             + groups * out_features * 2 + in_features * 4)
 
 
-def _part(name: str) -> str:
+def part_of(name: str) -> str:
+    """The plan part a parameter belongs to (also the parts ``quantize=`` quantizes: llm weights, vision tower)."""
     if name.startswith("text.embed_tokens"):
         return "embeddings"
     if name.startswith("text.lm_head"):
@@ -119,14 +139,16 @@ def plan_memory(model, image_tokens: int, vision: VisionSize, settings: PlanSett
     s, text = settings, model.text.cfg
     plan = MemoryPlan(parts=dict.fromkeys(("vision tower", "connector", "llm weights", "embeddings",
                                            "lm_head"), 0), budget=budget)
-    quantized = {"llm weights": s.bits < 16, "vision tower": s.bits < 16 and s.quantize_vision,
+    low = s.bits < 16 or s.bnb is not None
+    quantized = {"llm weights": low, "vision tower": low and s.quantize_vision,
                  "lm_head": s.bits < 16 and s.quantize_lm_head, "connector": False, "embeddings": False}
     for name, p in model.named_parameters():
-        part = _part(name)
+        part = part_of(name)
         if part == "lm_head" and text.tie_word_embeddings:
             continue  # shares the embedding matrix
         if quantized[part] and p.ndim == 2 and name.endswith("weight") and "embed" not in name:
-            plan.parts[part] += quantized_linear_bytes(p.shape[0], p.shape[1], s.bits, s.group_size)
+            plan.parts[part] += (bnb_linear_bytes(p.shape[0], p.shape[1], s.bnb) if s.bnb else
+                                 quantized_linear_bytes(p.shape[0], p.shape[1], s.bits, s.group_size))
         else:
             plan.parts[part] += p.numel() * s.dtype_bytes
     kv_values = 2 * text.num_layers * text.num_kv_heads * s.context * text.head_dim
@@ -137,14 +159,19 @@ def plan_memory(model, image_tokens: int, vision: VisionSize, settings: PlanSett
     plan.parts["activations"] = workspace_bytes(text, prompt_tokens(image_tokens, s), vision, s.dtype_bytes)
     if s.overhead:
         plan.parts["runtime overhead"] = s.overhead
+    low_note = _BNB_NOTES.get(s.bnb, f"{s.bits}-bit")
     plan.notes.update({
-        "llm weights": f"{s.bits}-bit g{s.group_size}" if s.bits < 16 else f"{8 * s.dtype_bytes}-bit",
-        "vision tower": f"{s.bits}-bit" if quantized["vision tower"] else f"{8 * s.dtype_bytes}-bit",
+        "llm weights": (low_note if s.bnb else f"{s.bits}-bit g{s.group_size}") if low else f"{8 * s.dtype_bytes}-bit",
+        "vision tower": low_note if quantized["vision tower"] else f"{8 * s.dtype_bytes}-bit",
         "lm_head": "tied to embeddings" if text.tie_word_embeddings else "",
         "kv cache": f"{'int8 + fp16 scales' if s.kv_bits == 8 else f'{s.kv_bits}-bit'}, {s.context} tokens",
         "image features": f"{image_tokens} tokens",
         "activations": "peak transient of vision / prefill (flash attention: no T x T scores)"})
     return plan
+
+
+_BNB_NOTES = {"nf4": "bnb nf4, absmax per 64, double-quantized", "fp4": "bnb fp4, absmax per 64, double-quantized",
+              "int8": "bnb int8, a scale per row"}
 
 
 def prompt_tokens(image_tokens: int, s: PlanSettings) -> int:

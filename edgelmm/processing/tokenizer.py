@@ -250,10 +250,10 @@ class Tokenizer:
         tokens written there are tokenized as plain text; those outside it (the template's) stay real.
         Equal to :meth:`encode` whenever the user's text holds no special token."""
         start, end = user_span
-        if not any(token in text[start:end] for token in self._special_contents):
+        if not any(token in text[start:end] for token in self.special_tokens):
             return self.encode(text, add_bos)
         encoding = self._backend.encode(text, add_special_tokens=False)
-        special_ids = self._special_token_ids
+        special_ids = self.special_token_ids
         spans = [(offset, i) for offset, i in zip(encoding.offsets, encoding.ids) if i in special_ids]
         region_start = max((stop for (_, stop), _ in spans if stop <= start), default=0)
         region_end = min((first for (first, _), _ in spans if first >= end), default=len(text))
@@ -267,11 +267,11 @@ class Tokenizer:
         return [self.bos_token_id, *ids]
 
     @cached_property
-    def _special_contents(self) -> tuple[str, ...]:
+    def special_tokens(self) -> tuple[str, ...]:
         return tuple(t.content for t in self._backend.get_added_tokens_decoder().values() if t.special)
 
     @cached_property
-    def _special_token_ids(self) -> frozenset[int]:
+    def special_token_ids(self) -> frozenset[int]:
         return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
 
     @cached_property

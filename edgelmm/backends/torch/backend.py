@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgelmm.backends.torch.bnb import check_method, use_bnb_linears
 from edgelmm.backends.torch.gptq import GPTQSettings, check_quant_linears, read_gptq_config, use_quant_linears
 from edgelmm.checkpoint.finite import require_finite
 from edgelmm.checkpoint.json_file import read_json
@@ -47,8 +48,11 @@ class TorchBackend:
 
     @classmethod
     def load(cls, folder: Path, device=None, dtype=None, vision_tower=None,
-             context_length: int | None = None, max_memory=None) -> TorchBackend:
+             context_length: int | None = None, max_memory=None, quantize: str | None = None,
+             quantize_vision: bool = False) -> TorchBackend:
         device, dtype = resolve_device(device, dtype)
+        if quantize is not None:
+            check_method(quantize)
         files = WeightFiles(folder)
         cfg = read_json(folder / "config.json")
         spec = detect(cfg, folder, files.keys(), vision_tower)
@@ -63,10 +67,15 @@ class TorchBackend:
         with torch.device("meta"):
             model = VLM(spec)
         gptq = read_gptq_config(folder, cfg)
+        if gptq is not None and quantize is not None:
+            raise ConfigError(f"{folder} is already GPTQ-quantized; load it without quantize={quantize!r}")
         if max_memory is not None:
-            check_budget(model, spec, dtype, context_length, max_memory, gptq)
+            check_budget(model, spec, dtype, context_length, max_memory, gptq, bnb=quantize,
+                         quantize_vision=quantize_vision)
         if gptq is not None:  # quantized linears become QuantLinear before their buffers are loaded
             use_quant_linears(model, sources, gptq, device)
+        if quantize is not None:  # bitsandbytes layers, each quantized as the loader assigns its weight
+            use_bnb_linears(model, quantize, dtype, device, quantize_vision)
         load_into(model, sources, dtype, device)
         if gptq is not None:
             check_quant_linears(model, gptq)
@@ -114,13 +123,15 @@ class TorchBackend:
 
 def check_budget(model: VLM, spec: ModelSpec, dtype: torch.dtype, context_length: int | None, max_memory,
                  gptq: GPTQSettings | None = None,
-                 export: str = "a quantized export (edgelmm export --bits 4)") -> None:
+                 export: str = "a quantized export (edgelmm export --bits 4)", bnb: str | None = None,
+                 quantize_vision: bool = False) -> None:
     """Refuse up front, with the plan, a model that cannot fit ``max_memory`` (e.g. "8GB"); a GPTQ
-    checkpoint's linears are planned at their ``gptq`` bits and group size. ``export`` names the smaller
-    export the error suggests."""
+    checkpoint's linears are planned at their ``gptq`` bits and group size, a ``bnb`` (nf4 / fp4 / int8) load's
+    as bitsandbytes stores them. ``export`` names the smaller export the error suggests."""
     size = torch.empty((), dtype=dtype).element_size()
     quant = {"bits": gptq.bits, "group_size": gptq.group_size} if gptq is not None else {}
-    settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length), **quant)
+    settings = PlanSettings(dtype_bytes=size, kv_bits=8 * size, context=context_limit(spec, context_length),
+                            bnb=bnb, quantize_vision=quantize_vision, **quant)
     plan = plan_memory(model, spec.vision.num_image_tokens, vision_size(spec.vision), settings, parse_size(max_memory))
     require_fit(plan, f"Use {export}, a smaller dtype, or a shorter context_length.")
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edgelmm.backends.torch.backend import TorchBackend, check_budget, resolve_device
+from edgelmm.backends.torch.bnb import check_method, use_bnb_linears
 from edgelmm.checkpoint.loader import WeightFiles, load_into
 from edgelmm.checkpoint.tinygptv_pieces import (
     EVA_RULES,
@@ -84,11 +85,18 @@ def _check(table: TensorTable, params: dict[str, nn.Parameter], desc: Descriptio
                               "is it the right file, complete?")
 
 
-def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | None = None, max_memory=None):
+def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | None = None, max_memory=None,
+                  quantize: str | None = None, quantize_vision: bool = False):
     """Build TinyGPT-V from the description file ``path``; returns (TorchBackend, Tokenizer, path), the
-    arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once. ``max_memory`` as in
-    ``EdgeLMM.load``: checked against the plan before the weights are loaded."""
+    arguments of ``EdgeLMM``. LoRA is merged into the base weights here, once. ``max_memory`` and ``quantize``
+    as in ``EdgeLMM.load``: the budget is checked before the weights are loaded, and the Phi-2 linears are
+    quantized as the merged weights arrive (EVA + Q-Former stay in ``dtype``)."""
     device, dtype = resolve_device(device, dtype)
+    if quantize is not None:
+        check_method(quantize)
+    if quantize_vision:
+        raise ConfigError("TinyGPT-V's EVA + Q-Former are not quantized (its EVA attention reads its fused qkv "
+                          "weight directly); drop quantize_vision")
     desc = Description.read(path)
     text = text_config(desc)
     table = build_table(desc, text)
@@ -101,10 +109,12 @@ def load_tinygptv(path: Path, device=None, dtype=None, context_length: int | Non
         model = TinyGPTV(spec)
     if max_memory is not None:  # before any weight is loaded into the model
         check_budget(model, spec, dtype, context_length, max_memory,
-                     export=f"its 4-bit ONNX export (edgelmm export {path.name} --format onnx --bits 4)")
+                     export=f"its 4-bit ONNX export (edgelmm export {path.name} --format onnx --bits 4)", bnb=quantize)
     params = dict(model.named_parameters())
     fill_fresh(table, params, desc.pieces["phi2"])
     _check(table, params, desc)
+    if quantize is not None:
+        use_bnb_linears(model, quantize, dtype, device)
     ln_vision = {name: table.get(f"ln_vision.{name}").float().to(device) for name in ("weight", "bias")}
     load_into(model, [(table, (("", ""),))], dtype, device)  # empties the table file by file
     for name, value in ln_vision.items():  # ln_vision stays fp32, as LAVIS keeps it
